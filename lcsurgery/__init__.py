@@ -1,0 +1,32 @@
+"""lcsurgery: retrofit pretrained residual CNNs with LC-Net per-input dynamic inference.
+
+Typical use::
+
+    lc = lcsurgery.convert(model, placement="sequential")
+    lcsurgery.find_blocks(model)        # dry run: what would be gated, and why
+    lcsurgery.gated_blocks(lc)          # the gates, to inspect or force
+"""
+
+from lcsurgery.errors import CheckpointMismatchError, LCSurgeryError, NoResidualBlocksError, TraceError
+from lcsurgery.surgery.block import BlockInfo, GatedBlock, GateState
+from lcsurgery.surgery.checkpoint import load_weights
+from lcsurgery.surgery.convert import BlockList, convert, find_blocks, gated_blocks
+from lcsurgery.surgery.model import LCModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockInfo",
+    "BlockList",
+    "CheckpointMismatchError",
+    "GateState",
+    "GatedBlock",
+    "LCModel",
+    "LCSurgeryError",
+    "NoResidualBlocksError",
+    "TraceError",
+    "convert",
+    "find_blocks",
+    "gated_blocks",
+    "load_weights",
+]
