@@ -1,0 +1,1 @@
+"""torch.fx analysis: leaf-aware tracing, dominators, residual block discovery, outlining."""

@@ -1,0 +1,1 @@
+"""Building blocks added to models: the ReLU-1 gate activation."""
