@@ -1,0 +1,1 @@
+"""Model definitions the library ships (CIFAR ResNets) and model-spec parsing."""

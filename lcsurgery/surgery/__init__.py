@@ -1,0 +1,1 @@
+"""The surgery: converting models, the gated block and the converted model container."""

@@ -1,0 +1,176 @@
+"""``GatedBlock``: one residual block with its L-Net and C-Net, as the converted graph calls it.
+
+The block owns only its two gate layers (``l_net``, ``c_net``); the residual branch and the
+shortcut are pieces of the original graph that run against the converted model, so parameter
+names and sharing stay exactly as in the user's model.
+
+Masked execution (training, export, debugging) computes everything and multiplies by the gates:
+``out = shortcut(x) + S_L * tail(S_C * head(x))``. In eval mode the block skips work for real
+(see ``lcsurgery.engine``) unless the model is switched to masked execution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lcsurgery.fx.outline import Piece
+from lcsurgery.layers.relu1 import relu1
+
+PLACEMENTS = ("parallel", "sequential")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What the surgery found for one residual block (a row of ``find_blocks``)."""
+
+    name: str
+    in_channels: int
+    gated_channels: int
+    first_conv: str | None
+    next_conv: str | None
+    gates: str  # "layer+channel", "layer" or "channel"
+    note: str = ""
+
+
+@dataclass
+class GateState:
+    """Gate values of the latest forward pass of one block.
+
+    ``z_*`` are the gate logits (before ReLU-1); a gate is *on* in eval exactly when its logit is
+    positive. ``s_*`` are the values the forward used (soft and differentiable in training).
+    """
+
+    z_l: Tensor | None  # [B]
+    z_c: Tensor | None  # [B, C]
+    s_l: Tensor | None
+    s_c: Tensor | None
+
+    @property
+    def batch(self) -> int:
+        z = self.z_l if self.z_l is not None else self.z_c
+        return z.shape[0]
+
+    def keep(self) -> Tensor:
+        """[B] bool: whether the block runs for each sample under hard gates."""
+        if self.z_l is None:
+            return torch.ones(self.batch, dtype=torch.bool, device=self.z_c.device)
+        return self.z_l > 0
+
+    def active(self) -> Tensor | None:
+        """[B, C] bool: the gated channels each sample computes under hard gates (None: no C-Net)."""
+        return None if self.z_c is None else self.z_c > 0
+
+
+class GatedBlock(nn.Module):
+    """A residual block with a shared-pooling L-Net (``l_net``) and C-Net (``c_net``)."""
+
+    def __init__(
+        self,
+        info: BlockInfo,
+        pieces: dict[str, Piece | None],
+        channel_dim: int,
+        slope: float,
+        placement: str,
+    ) -> None:
+        super().__init__()
+        self.info = info
+        self.name = info.name
+        self.channel_dim = channel_dim
+        self.slope = slope
+        self.placement = placement
+        self.execution = "skip"
+        self.l_net = nn.Linear(info.in_channels, 1) if "layer" in info.gates else None
+        self.c_net = nn.Linear(info.in_channels, info.gated_channels) if info.gated_channels else None
+        self.reset_gates()
+        self.pieces = pieces
+        self.root: nn.Module | None = None  # the converted model; set by LCModel, not registered
+        self.last: GateState | None = None
+        self.engine = None  # eval-time skipping plan, built on first use by lcsurgery.engine
+
+    def reset_gates(self) -> None:
+        """Open every gate for every input: zero weights, unit bias, so S_L = S_C = 1 exactly."""
+        for lin in (self.l_net, self.c_net):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.ones_(lin.bias)
+
+    def force(self, keep: bool | None = None, channels: Tensor | None = None) -> None:
+        """Pin gates for every input: ``keep`` opens/closes the block, ``channels`` (bool [C]) picks channels."""
+        with torch.no_grad():
+            if keep is not None:
+                if self.l_net is None:
+                    raise ValueError(f"block {self.name} has no layer gate")
+                self.l_net.weight.zero_()
+                self.l_net.bias.fill_(1.0 if keep else -1.0)
+            if channels is not None:
+                if self.c_net is None:
+                    raise ValueError(f"block {self.name} has no channel gate")
+                mask = torch.as_tensor(channels, dtype=torch.bool, device=self.c_net.bias.device)
+                if mask.shape != self.c_net.bias.shape:
+                    raise ValueError(f"block {self.name} gates {self.c_net.out_features} channels, got a mask of {tuple(mask.shape)}")
+                self.c_net.weight.zero_()
+                self.c_net.bias.copy_(mask.float() * 2 - 1)
+
+    @property
+    def gated_channels(self) -> int:
+        return self.info.gated_channels
+
+    def gate_logits(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Both gates from one shared global-average-pool of the block input."""
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        z_l = self.l_net(pooled).squeeze(1) if self.l_net is not None else None
+        z_c = self.c_net(pooled) if self.c_net is not None else None
+        return z_l, z_c
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self.execution == "skip" and not _is_exporting():
+            from lcsurgery.engine.skip import skip_forward
+
+            return skip_forward(self, x)
+        return self.masked_forward(x)
+
+    def masked_forward(self, x: Tensor) -> Tensor:
+        """Compute every op and scale by the gates (differentiable; the reference semantics)."""
+        z_l, z_c = self.gate_logits(x)
+        slope = self.slope if self.training else 0.0
+        s_l = relu1(z_l, slope) if z_l is not None else None
+        s_c = relu1(z_c, slope) if z_c is not None else None
+        self.last = GateState(z_l.detach() if z_l is not None else None, z_c.detach() if z_c is not None else None, s_l, s_c)
+        root, p = self.root, self.pieces
+        if s_c is None:
+            h = p["branch"](root, x)
+        else:
+            h = _run(p["pre"], root, x)
+            h = _run(p["mid"], root, p["first"](root, h))
+            h = h * self.channel_view(s_c)
+            h = _run(p["post"], root, p["next"](root, _run(p["between"], root, h)))
+        shortcut = _run(p["shortcut"], root, x)
+        if s_l is None:
+            return shortcut + h
+        return shortcut + h * s_l[:, None, None, None]
+
+    def channel_view(self, s_c: Tensor) -> Tensor:
+        """[B, C] channel gates shaped to broadcast over the 4-D gated tensor (NCHW, or NHWC for Linear)."""
+        return s_c[:, :, None, None] if self.channel_dim == 1 else s_c[:, None, None, :]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, gates={self.info.gates}, in={self.info.in_channels}, gated_channels={self.gated_channels}, placement={self.placement}"
+
+
+def _run(piece: Piece | None, root: nn.Module, x: Tensor) -> Tensor:
+    return x if piece is None else piece(root, x)
+
+
+def _is_exporting() -> bool:
+    """True under torch.jit/onnx/fx/dynamo tracing, where data-dependent skipping cannot be recorded."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if torch.compiler.is_compiling():
+        return True
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
