@@ -1,0 +1,1 @@
+"""Eval-time execution that skips gated-off blocks and channels for real."""
