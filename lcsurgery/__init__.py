@@ -5,8 +5,12 @@ Typical use::
     lc = lcsurgery.convert(model, placement="sequential")
     lcsurgery.find_blocks(model)        # dry run: what would be gated, and why
     lcsurgery.gated_blocks(lc)          # the gates, to inspect or force
+    lcsurgery.count_macs(lc.eval(), x)  # exact MACs each image needs
 """
 
+from lcsurgery.macs.dynamic import count_macs, last_macs
+from lcsurgery.macs.report import BlockMacs, MacReport
+from lcsurgery.macs.static import static_costs
 from lcsurgery.errors import CheckpointMismatchError, LCSurgeryError, NoResidualBlocksError, TraceError
 from lcsurgery.surgery.block import BlockInfo, GatedBlock, GateState
 from lcsurgery.surgery.checkpoint import load_weights
@@ -17,6 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockInfo",
+    "BlockMacs",
+    "MacReport",
     "BlockList",
     "CheckpointMismatchError",
     "GateState",
@@ -26,6 +32,9 @@ __all__ = [
     "NoResidualBlocksError",
     "TraceError",
     "convert",
+    "count_macs",
+    "last_macs",
+    "static_costs",
     "find_blocks",
     "gated_blocks",
     "load_weights",

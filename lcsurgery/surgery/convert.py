@@ -70,12 +70,13 @@ def convert(
         raise ValueError(f"slope must be in [0, 1), got {slope}")
     _refuse_converted(model)
     root = copy.deepcopy(model)
+    input_size = _input_size(root, input_size)
     graph, specs, rejected = _analyse(root, leaf_modules, input_size, BlockOptions(layers, channels, tuple(exclude)))
     if not specs:
         raise _no_blocks_error(model, rejected)
     blocks = [_make_block(spec, root, slope, placement) for spec in specs]
     config = dict(
-        placement=placement, layers=layers, channels=channels, exclude=list(exclude), slope=slope,
+        placement=placement, layers=layers, channels=channels, exclude=list(exclude), slope=slope, input_size=input_size,
         leaf_modules=[m if isinstance(m, str) else m.__qualname__ for m in leaf_modules],
     )  # fmt: skip
     lc = LCModel(root, _rewrite(graph, specs), blocks, config)

@@ -49,6 +49,7 @@ class LCModel(nn.Module):
         object.__setattr__(self, "lc_graph_module", code)
         for block in blocks:
             object.__setattr__(block, "root", self)
+        self.register_forward_pre_hook(_record_input_size)
         # The generated forward runs with this model as ``self``; a per-instance subclass gives it
         # the graph's real signature, so the model can be traced or exported again.
         self.__class__ = type(name, (LCModel,), {"forward": type(code).forward, "__module__": __name__})
@@ -99,6 +100,12 @@ class LCModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.lc_source}, blocks={len(self.lc_gates)}, placement={self.placement}"
+
+
+def _record_input_size(model: LCModel, args: tuple) -> None:
+    """Remember the input size of each forward, so its MACs can be read without another pass."""
+    if args and isinstance(args[0], Tensor) and args[0].dim() == 4 and not isinstance(args[0], fx.Proxy):
+        model.__dict__["lc_last_input_size"] = tuple(args[0].shape[1:])
 
 
 def check_placement(placement: str) -> None:

@@ -1,0 +1,1 @@
+"""Dynamic MAC accounting: fvcore static costs per piece, exact per-image counts from hard gates."""

@@ -1,0 +1,154 @@
+"""Per-image MACs from the hard gate decisions: ``count_macs`` over data, ``last_macs`` of a forward.
+
+A block whose L-Net says 0 costs its shortcut and its gate only. A kept block with k of C
+active gated channels pays its fixed part plus k times its per-channel part (the first conv's
+filters in sequential placement, per-channel ops, the next conv's input side). Gates are always
+paid. Static parts come from fvcore (``lcsurgery.macs.static``), counted once per input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.macs.report import BlockMacs, MacReport
+from lcsurgery.macs.static import StaticCosts, static_costs
+from lcsurgery.surgery.model import LCModel, check_placement, unwrap
+
+
+def per_sample_macs(costs: StaticCosts, keep: Tensor, active: Tensor, placement: str) -> Tensor:
+    """int64 [N] MACs from hard decisions: ``keep`` bool [N, blocks], ``active`` int [N, blocks]."""
+    check_placement(placement)
+    device = keep.device
+    fixed = torch.tensor([b.fixed(placement) for b in costs.blocks], dtype=torch.int64, device=device)
+    unit = torch.tensor([b.per_channel(placement) for b in costs.blocks], dtype=torch.int64, device=device)
+    always = costs.base + sum(b.gate + b.shortcut for b in costs.blocks)
+    return always + (keep.long() * (fixed + active.long() * unit)).sum(1)
+
+
+def _decisions(lc: LCModel) -> tuple[Tensor, Tensor]:
+    """Hard decisions of the latest forward: keep bool [B, blocks] and active counts int [B, blocks]."""
+    keeps, actives = [], []
+    for b in lc.lc_blocks():
+        if b.last is None:
+            raise LCSurgeryError("the model has not run a forward pass yet: call it on a batch first")
+        keeps.append(b.last.keep())
+        act = b.last.active()
+        actives.append(act.sum(1) if act is not None else torch.zeros_like(keeps[-1], dtype=torch.long))
+    return torch.stack(keeps, 1), torch.stack(actives, 1)
+
+
+def last_macs(model: nn.Module, placement: str | None = None, counting: str = "conv_fc") -> Tensor:
+    """int64 [B]: the MACs each image of the latest forward needs under hard gates.
+
+    No second forward: it reads the gate logits recorded by that forward. In training mode
+    these are the decisions eval would take for the same gate logits (a gate is on when its
+    logit is positive), which is what a MAC budget should control.
+    """
+    lc = unwrap(model)
+    size = lc.__dict__.get("lc_last_input_size")
+    if size is None:
+        raise LCSurgeryError("the model has not run a forward pass yet: call it on a batch first")
+    keep, active = _decisions(lc)
+    return per_sample_macs(static_costs(lc, size, counting), keep, active, placement or lc.placement)
+
+
+def _batches(images: Tensor | Iterable, batch_size: int) -> tuple[Iterator[tuple[Tensor, Tensor | None]], int | None]:
+    if isinstance(images, Tensor):
+        n = (len(images) + batch_size - 1) // batch_size
+        return ((images[i : i + batch_size], None) for i in range(0, len(images), batch_size)), n
+
+    def gen() -> Iterator[tuple[Tensor, Tensor | None]]:
+        for item in images:
+            if isinstance(item, Tensor):
+                yield item, None
+            elif isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+                yield item[0], item[1] if len(item) > 1 and isinstance(item[1], Tensor) else None
+            else:
+                raise LCSurgeryError(f"count_macs expects image tensors or (images, labels) batches, got {type(item).__name__}")
+
+    return gen(), (len(images) if hasattr(images, "__len__") else None)
+
+
+def _check_images(x: Tensor, lc: LCModel, size: tuple | None) -> None:
+    if x.dim() != 4:
+        raise LCSurgeryError(f"expected images of shape [batch, channels, height, width], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    channels = lc.lc_config.get("input_size", (x.shape[1],))[0]
+    if x.shape[1] != channels:
+        raise LCSurgeryError(f"the model takes {channels}-channel images, got {x.shape[1]} channels (shape {tuple(x.shape)})")
+    if size is not None and tuple(x.shape[1:]) != size:
+        raise LCSurgeryError(f"all images must have one size to be counted together: got {tuple(x.shape[1:])} after {size}")
+
+
+def count_macs(
+    model: nn.Module,
+    images: Tensor | Iterable,
+    placement: str | None = None,
+    *,
+    counting: str = "conv_fc",
+    batch_size: int = 128,
+    keep_masks: bool = False,
+    progress: bool | None = None,
+) -> MacReport:
+    """Exact MACs per image of a converted model in eval mode (hard gates).
+
+    ``images``: a tensor [N, C, H, W] or an iterable of batches (tensors or (images, labels)).
+    ``placement``: the schedule to account for (default: the model's own); the gates, hence the
+    outputs, are the same for both. ``keep_masks`` keeps each image's active-channel masks.
+    """
+    lc = unwrap(model)
+    if lc.training:
+        raise LCSurgeryError(
+            "count_macs needs the model in eval mode (call model.eval()): in training the gates are soft, "
+            "so no gate is exactly 0 and nothing would be skipped. For the hard decisions of a training "
+            "batch, use lcsurgery.last_macs(model) after its forward pass."
+        )
+    placement = placement or lc.placement
+    check_placement(placement)
+    batches, n_batches = _batches(images, batch_size)
+    show = progress if progress is not None else (n_batches is None or n_batches > 4)
+    keeps, actives, labels, masks = [], [], [], {b.name: [] for b in lc.lc_blocks()} if keep_masks else None
+    size = None
+    device = next(lc.parameters()).device
+    with torch.no_grad():
+        for x, y in tqdm(batches, total=n_batches, desc="counting MACs", disable=not show, leave=False):
+            _check_images(x, lc, size)
+            size = tuple(x.shape[1:])
+            lc(x.to(device))
+            keep, active = _decisions(lc)
+            keeps.append(keep.cpu())
+            actives.append(active.cpu())
+            if y is not None:
+                labels.append(y.cpu())
+            if masks is not None:
+                for b in lc.lc_blocks():
+                    if b.last.active() is not None:
+                        masks[b.name].append(b.last.active().cpu())
+    if size is None:
+        raise LCSurgeryError("count_macs got no images")
+    keep, active = torch.cat(keeps), torch.cat(actives)
+    costs = static_costs(lc, size, counting)
+    per_sample = per_sample_macs(costs, keep, active, placement)
+    by_block = {}
+    for j, (b, c) in enumerate(zip(lc.lc_blocks(), costs.blocks, strict=True)):
+        k = keep[:, j]
+        mean = c.gate + c.shortcut + (k.long() * (c.fixed(placement) + active[:, j] * c.per_channel(placement))).double().mean()
+        frac = (active[k, j].double() / c.channels).mean() if c.channels and k.any() else torch.tensor(float("nan"))
+        by_block[b.name] = BlockMacs(b.name, c.dense, c.gate, float(mean), float(1 - k.double().mean()), float(frac))
+    return MacReport(
+        per_sample=per_sample,
+        dense=costs.dense,
+        open=costs.open,
+        placement=placement,
+        counting=counting,
+        input_size=size,
+        by_block=by_block,
+        keep=keep,
+        active=active,
+        labels=torch.cat(labels) if labels and len(labels) == len(keeps) else None,
+        masks={k: torch.cat(v) for k, v in masks.items() if v} if masks is not None else None,
+    )

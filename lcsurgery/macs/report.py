@@ -1,0 +1,85 @@
+"""``MacReport``: dense vs dynamic MACs per image, per block, with a readable summary table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def format_macs(n: float) -> str:
+    """MACs with a unit a person reads at a glance: 40.55M, 4.09G."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+@dataclass(frozen=True)
+class BlockMacs:
+    """One gated block over the counted images."""
+
+    name: str
+    dense: int  # MACs of the block in the original model (branch + shortcut)
+    gate: int  # MACs of its gates (pooling + L-Net + C-Net)
+    mean: float  # mean MACs per image under the placement, gate and shortcut included
+    skip_rate: float  # fraction of images for which the L-Net skips the block
+    active_fraction: float  # mean fraction of gated channels active where the block runs (nan: no C-Net or never run)
+
+
+@dataclass
+class MacReport:
+    """MACs each image needs under a converted model's gates, counted exactly.
+
+    ``per_sample`` equals fvcore's count of the dense network physically sliced for that image
+    (skipped blocks removed, gated convs cut to the active channels), gates included.
+    """
+
+    per_sample: Tensor  # int64 [N]
+    dense: int  # MACs per image of the original dense model
+    open: int  # MACs per image of the converted model with every gate open
+    placement: str
+    counting: str
+    input_size: tuple[int, int, int]
+    by_block: dict[str, BlockMacs]
+    keep: Tensor  # bool [N, blocks]: block runs for that image
+    active: Tensor  # int [N, blocks]: active gated channels (0 for blocks without C-Net)
+    labels: Tensor | None = None  # [N] when the counted data carried labels
+    masks: dict[str, Tensor] | None = field(default=None, repr=False)  # name -> bool [N, C], if asked for
+
+    @property
+    def mean(self) -> float:
+        """Mean MACs per image."""
+        return float(self.per_sample.double().mean())
+
+    @property
+    def ratio(self) -> float:
+        """Mean dynamic MACs as a fraction of the dense model's."""
+        return self.mean / self.dense
+
+    def summary(self) -> str:
+        """A table a person can read: dense vs dynamic MACs, ratio, per-block skip rates."""
+        convention = "conv+fc MACs" if self.counting == "conv_fc" else "fvcore MACs (norms and pooling included)"
+        q = torch.quantile(self.per_sample.double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)).tolist()
+        lines = [
+            f"MACs per image ({convention}), {self.placement} placement, {len(self.per_sample)} images at {'x'.join(map(str, self.input_size))}",
+            f"  dense model        {format_macs(self.dense):>9}",
+            f"  gates all open     {format_macs(self.open):>9}  (gates cost {format_macs(self.open - self.dense)})",
+            f"  LC-Net, dynamic    {format_macs(self.mean):>9}  = {self.ratio:.3f} x dense  ({self.dense / self.mean:.2f}x fewer)",
+            f"  min/median/max     {' / '.join(format_macs(v) for v in q)}",
+            "",
+        ]
+        head = ("block", "dense", "mean", "skip rate", "active ch.")
+        rows = [
+            (b.name, format_macs(b.dense), format_macs(b.mean), f"{100 * b.skip_rate:.1f}%", "-" if math.isnan(b.active_fraction) else f"{100 * b.active_fraction:.1f}%")
+            for b in self.by_block.values()
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines += [fmt.format(*head)] + [fmt.format(*r) for r in rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
