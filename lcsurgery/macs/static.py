@@ -114,7 +114,9 @@ class _Call(nn.Module):
 
 def fvcore_macs(module: nn.Module, inputs: tuple, counting: str = "conv_fc") -> int:
     """fvcore's count for ``module(*inputs)`` under a convention, with fvcore's tracer noise silenced."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore's import scripts a function with torch.jit
+        from fvcore.nn import FlopCountAnalysis
 
     if counting not in COUNTINGS:
         raise ValueError(f"counting must be one of {COUNTINGS}, got {counting!r}")

@@ -1,0 +1,1 @@
+"""Datasets (decoded once, cached) and fast batch loaders with CIFAR-style augmentation."""
