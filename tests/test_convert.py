@@ -176,18 +176,36 @@ class TestOptions:
             for lc in (layers_only.eval(), channels_only.eval()):
                 assert (lc(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
-    def test_slope_is_used_in_training_only(self):
+    def test_slope_gives_gradient_in_training_only(self):
+        """Default straight-through ReLU-1: hard value, leaky gradient in training."""
         lc = _convert("cifar.resnet20", slope=0.2)
         blk = lcsurgery.gated_blocks(lc)[0]
         assert blk.slope == 0.2
-        blk.force(keep=False)
+        with torch.no_grad():
+            blk.l_net.weight.zero_()
+            blk.l_net.bias.fill_(-5.0)  # a closed layer gate
         lc.train()
         lc(example("cifar.resnet20", batch=2))
-        assert torch.allclose(blk.last.s_l, torch.full_like(blk.last.s_l, -0.2))  # leaky: 0.2 * (-1)
+        assert torch.equal(blk.last.s_l.detach(), torch.zeros(2))
+        blk.last.s_l.sum().backward()
+        assert torch.allclose(blk.l_net.bias.grad, torch.tensor([0.4]))  # slope 0.2, two samples
+        blk.force(keep=False)
         lc.eval()
         with torch.no_grad():
             lc(example("cifar.resnet20", batch=2))
-        assert torch.equal(blk.last.s_l, torch.zeros_like(blk.last.s_l))
+        assert not blk.last.keep().any()
+
+    def test_leaky_mode_is_leaky_in_the_forward(self):
+        lc = _convert("cifar.resnet20", slope=0.2, relu1_mode="leaky")
+        blk = lcsurgery.gated_blocks(lc)[0]
+        blk.force(keep=False)
+        lc.train()
+        lc(example("cifar.resnet20", batch=2))
+        assert torch.allclose(blk.last.s_l, torch.full_like(blk.last.s_l, -0.2))  # 0.2 * (-1)
+
+    def test_unknown_relu1_mode_is_rejected(self):
+        with pytest.raises(ValueError, match="relu1_mode"):
+            _convert("cifar.resnet20", relu1_mode="soft")
 
     def test_extra_leaf_module_hides_its_block(self):
         lc = _convert("tv.resnet18", leaf_modules=["layer1.0"])

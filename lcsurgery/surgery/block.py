@@ -48,6 +48,7 @@ class GateState:
     z_c: Tensor | None  # [B, C]
     s_l: Tensor | None
     s_c: Tensor | None
+    pooled: Tensor | None = None  # [B, C_in] detached gate input, kept in training for the penalty
 
     @property
     def batch(self) -> int:
@@ -75,12 +76,17 @@ class GatedBlock(nn.Module):
         channel_dim: int,
         slope: float,
         placement: str,
+        relu1_mode: str = "straight_through",
+        noise: float = 0.0,
     ) -> None:
         super().__init__()
+        self.noise = noise  # training only: logistic noise on the gate logits, so gates near 0 flip
+        # at random; the task loss then pushes gates to decide, and the hard cost moves smoothly
         self.info = info
         self.name = info.name
         self.channel_dim = channel_dim
         self.slope = slope
+        self.relu1_mode = relu1_mode
         self.placement = placement
         self.execution = "skip"
         self.l_net = nn.Linear(info.in_channels, 1) if "layer" in info.gates else None
@@ -100,6 +106,7 @@ class GatedBlock(nn.Module):
 
     def force(self, keep: bool | None = None, channels: Tensor | None = None) -> None:
         """Pin gates for every input: ``keep`` opens/closes the block, ``channels`` (bool [C]) picks channels."""
+        self.engine = None
         with torch.no_grad():
             if keep is not None:
                 if self.l_net is None:
@@ -119,27 +126,37 @@ class GatedBlock(nn.Module):
     def gated_channels(self) -> int:
         return self.info.gated_channels
 
-    def gate_logits(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Both gates from one shared global-average-pool of the block input."""
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    def gate_logits(self, pooled: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Both gate logits from the shared global-average-pool of the block input."""
         z_l = self.l_net(pooled).squeeze(1) if self.l_net is not None else None
         z_c = self.c_net(pooled) if self.c_net is not None else None
         return z_l, z_c
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and self.execution == "skip" and not _is_exporting():
-            from lcsurgery.engine.skip import skip_forward
+        # Real skipping needs eval mode without autograd (gradients must reach every parameter,
+        # e.g. when training with BatchNorm frozen by eval()) and no tracer recording the graph.
+        if self.training or self.execution != "skip" or torch.is_grad_enabled() or _is_exporting():
+            return self.masked_forward(x)
+        from lcsurgery.engine.skip import skip_forward
 
-            return skip_forward(self, x)
-        return self.masked_forward(x)
+        return skip_forward(self, x)
 
     def masked_forward(self, x: Tensor) -> Tensor:
         """Compute every op and scale by the gates (differentiable; the reference semantics)."""
-        z_l, z_c = self.gate_logits(x)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        z_l, z_c = self.gate_logits(pooled)
+        if self.training and self.noise > 0:
+            z_l, z_c = (None if z is None else z + self.noise * _logistic_like(z) for z in (z_l, z_c))
         slope = self.slope if self.training else 0.0
-        s_l = relu1(z_l, slope) if z_l is not None else None
-        s_c = relu1(z_c, slope) if z_c is not None else None
-        self.last = GateState(z_l.detach() if z_l is not None else None, z_c.detach() if z_c is not None else None, s_l, s_c)
+        s_l = relu1(z_l, slope, self.relu1_mode) if z_l is not None else None
+        s_c = relu1(z_c, slope, self.relu1_mode) if z_c is not None else None
+        self.last = GateState(
+            z_l.detach() if z_l is not None else None,
+            z_c.detach() if z_c is not None else None,
+            s_l,
+            s_c,
+            pooled.detach() if self.training else None,
+        )
         root, p = self.root, self.pieces
         if s_c is None:
             h = p["branch"](root, x)
@@ -159,6 +176,12 @@ class GatedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, gates={self.info.gates}, in={self.info.in_channels}, gated_channels={self.gated_channels}, placement={self.placement}"
+
+
+def _logistic_like(z: Tensor) -> Tensor:
+    """Standard logistic noise shaped like ``z`` (the difference of two Gumbel draws)."""
+    u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
 
 
 def _run(piece: Piece | None, root: nn.Module, x: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +18,11 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 @dataclass
 class LoadResult:
-    """What ``load_weights`` did: gate tensors left at their initial value (original checkpoints)."""
+    """What ``load_weights`` did: gate tensors left at their initial value (original checkpoints),
+    and classifier tensors kept fresh because the checkpoint has another number of classes."""
 
     missing_gates: list[str]
+    reinitialised: list[str] = field(default_factory=list)
 
 
 def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -42,15 +44,23 @@ def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> dic
     return out
 
 
-def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> LoadResult:
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Tensor], reinit_head: bool = False) -> LoadResult:
     """Load an original or converted checkpoint into ``model`` (original or converted).
 
     Gate tensors may be absent (an original checkpoint into a converted model); anything else
     missing, unexpected or of the wrong shape raises ``CheckpointMismatchError`` before any
-    tensor is copied.
+    tensor is copied. With ``reinit_head=True`` the final classifier may differ in shape (an
+    ImageNet checkpoint fine-tuned for 10 classes): it keeps its fresh initialisation.
     """
-    sd = read_state_dict(checkpoint)
+    sd = dict(read_state_dict(checkpoint))
     own = model.state_dict()
+    reinitialised = []
+    head = _classifier_prefix(model) if reinit_head else None
+    if head is not None:
+        for k in [k for k in own if k in sd and k.startswith(head) and sd[k].shape != own[k].shape]:
+            del sd[k]
+            reinitialised.append(k)
+        sd.update({k: own[k] for k in reinitialised})
     missing = [k for k in own if k not in sd]
     missing_gates = [k for k in missing if k.startswith(GATE_PREFIX + ".")]
     # checkpoints from older PyTorch lack BatchNorm's step counter: bookkeeping, not weights
@@ -67,4 +77,13 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, 
             f"configuration: {'; '.join(parts)}"
         )
     model.load_state_dict(sd, strict=False)
-    return LoadResult(missing_gates)
+    return LoadResult(missing_gates, reinitialised)
+
+
+def _classifier_prefix(model: nn.Module) -> str | None:
+    """Path prefix (``fc.``) of the last Linear layer, taken to be the classifier."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not name.startswith(GATE_PREFIX + "."):
+            last = name
+    return f"{last}." if last else None

@@ -14,6 +14,7 @@ from lcsurgery.fx.blocks import BlockOptions, BlockSpec, Rejected, find_residual
 from lcsurgery.fx.graph import data_nodes
 from lcsurgery.fx.outline import outline
 from lcsurgery.fx.tracer import _mode, trace
+from lcsurgery.layers.relu1 import MODES
 from lcsurgery.surgery.block import BlockInfo, GatedBlock
 from lcsurgery.surgery.model import GATE_PREFIX, LCModel, check_placement, unwrap
 
@@ -49,6 +50,7 @@ def convert(
     channels: bool = True,
     exclude: Sequence[str] = (),
     slope: float = DEFAULT_SLOPE,
+    relu1_mode: str = "straight_through",
     leaf_modules: Sequence[str | type] = (),
     input_size: tuple[int, int, int] | None = None,
 ) -> LCModel:
@@ -59,7 +61,9 @@ def convert(
             so the first conv's filters are trimmed too). Same function, different schedule.
         layers / channels: add the L-Net (block skipping) / the C-Net (channel skipping).
         exclude: block names or shell patterns (``"layer4.*"``) to leave ungated.
-        slope: slope of the leaky ReLU-1 outside [0, 1] during training.
+        slope: slope of the ReLU-1 gradient outside [0, 1] during training.
+        relu1_mode: ``"straight_through"`` (training forward is the hard clamp, as in eval; only
+            the gradient leaks) or ``"leaky"`` (the forward value leaks too, as in the paper).
         leaf_modules: module paths or classes that tracing must not enter.
         input_size: (C, H, W) of an example input used to read channel counts.
 
@@ -68,15 +72,17 @@ def convert(
     check_placement(placement)
     if not 0.0 <= slope < 1.0:
         raise ValueError(f"slope must be in [0, 1), got {slope}")
+    if relu1_mode not in MODES:
+        raise ValueError(f"relu1_mode must be one of {MODES}, got {relu1_mode!r}")
     _refuse_converted(model)
     root = copy.deepcopy(model)
     input_size = _input_size(root, input_size)
     graph, specs, rejected = _analyse(root, leaf_modules, input_size, BlockOptions(layers, channels, tuple(exclude)))
     if not specs:
         raise _no_blocks_error(model, rejected)
-    blocks = [_make_block(spec, root, slope, placement) for spec in specs]
+    blocks = [_make_block(spec, root, slope, placement, relu1_mode) for spec in specs]
     config = dict(
-        placement=placement, layers=layers, channels=channels, exclude=list(exclude), slope=slope, input_size=input_size,
+        placement=placement, layers=layers, channels=channels, exclude=list(exclude), slope=slope, relu1_mode=relu1_mode, input_size=input_size,
         leaf_modules=[m if isinstance(m, str) else m.__qualname__ for m in leaf_modules],
     )  # fmt: skip
     lc = LCModel(root, _rewrite(graph, specs), blocks, config)
@@ -174,7 +180,7 @@ def _info(spec: BlockSpec, root: nn.Module) -> BlockInfo:
     )
 
 
-def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str) -> GatedBlock:
+def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str, relu1_mode: str) -> GatedBlock:
     key = sanitize(spec.name)
     pieces = {"shortcut": outline(spec.shortcut, spec.input, spec.shortcut_out, root, f"{key}_shortcut")}
     c = spec.channel
@@ -191,7 +197,7 @@ def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str) 
             post=outline(spec.post, c.next, spec.branch_out, root, f"{key}_post"),
         )
     channel_dim = c.channel_dim if c else 1
-    block = GatedBlock(_info(spec, root), pieces, channel_dim, slope, placement)
+    block = GatedBlock(_info(spec, root), pieces, channel_dim, slope, placement, relu1_mode)
     p = next(root.parameters(), None)
     return block.to(p.device, p.dtype) if p is not None else block
 

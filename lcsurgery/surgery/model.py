@@ -50,6 +50,7 @@ class LCModel(nn.Module):
         for block in blocks:
             object.__setattr__(block, "root", self)
         self.register_forward_pre_hook(_record_input_size)
+        self.register_load_state_dict_post_hook(_drop_plans)
         # The generated forward runs with this model as ``self``; a per-instance subclass gives it
         # the graph's real signature, so the model can be traced or exported again.
         self.__class__ = type(name, (LCModel,), {"forward": type(code).forward, "__module__": __name__})
@@ -89,17 +90,21 @@ class LCModel(nn.Module):
 
     def train(self, mode: bool = True) -> LCModel:
         super().train(mode)
-        for b in self.lc_blocks():
-            b.engine = None  # weights may change while training: rebuild folded plans lazily
+        _drop_plans(self)  # weights may have changed while training: rebuild folded plans lazily
         return self
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): folded plans hold old tensors
-        for b in self.lc_blocks():
-            b.engine = None
+        _drop_plans(self)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"source={self.lc_source}, blocks={len(self.lc_gates)}, placement={self.placement}"
+
+
+def _drop_plans(model: LCModel, *_: object) -> None:
+    """Forget eval-time skipping plans (folded weights); they are rebuilt on the next eval forward."""
+    for b in model.lc_blocks():
+        b.engine = None
 
 
 def _record_input_size(model: LCModel, args: tuple) -> None:
