@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import lcsurgery
-from lcsurgery.data.loaders import ArrayLoader, _augment, make_loaders, normalization
+from lcsurgery.data.loaders import ArrayLoader, _augment, _augment_draws, make_loaders, normalization
 from lcsurgery.data.sources import ArrayDataset, load_arrays
 from lcsurgery.data.synthetic import CLASSES, make_synthetic
 from lcsurgery.models.cifar_resnet import resnet20
@@ -86,7 +86,7 @@ def test_synthetic_task_is_deterministic_and_balanced():
 
 def test_augmentation_is_a_padded_crop_or_its_mirror():
     x = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
-    out = _augment(x, torch.Generator().manual_seed(0))
+    out = _augment(x, *_augment_draws(64, (8, 8), torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(len(x)):
         crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
@@ -108,6 +108,10 @@ def test_loader_epochs_are_reproducible_and_shards_disjoint():
     seen = [{int(x.max()) for xb, _ in s for x in xb} for s in shards]
     assert len(shards[0]) == len(shards[1]) == 5
     assert len(seen[0]) == len(seen[1]) == 50 and not seen[0] & seen[1]
+    # together, the ranks' batches are the single-process global batches, augmentation included
+    single = ArrayLoader(indexed, 20, **{**raw, "world": 1})
+    for (x0, _), (x1, _), (xs, _) in zip(*shards, single, strict=True):
+        assert torch.equal(torch.cat([x0, x1]), xs)
 
 
 def test_normalisation_comes_from_the_model():

@@ -57,44 +57,59 @@ class ArrayLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> Tensor:
+    def __len__(self) -> int:
         n = len(self.data)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-            per_rank = n // self.world  # equal shards, so every rank runs the same number of steps
-            return order[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return torch.arange(self.rank, n, self.world)
-
-    def __len__(self) -> int:
-        n = len(self._indices()) if self.world > 1 or not self.train else len(self.data)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+            return n // (self.batch_size * self.world)
+        return -(-len(range(self.rank, n, self.world)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        idx = self._indices()
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch + 1_000_000 * self.rank)
-        stop = len(idx) - len(idx) % self.batch_size if self.train else len(idx)
-        for start in range(0, stop, self.batch_size):
-            b = idx[start : start + self.batch_size]
+        for b, aug in self._batches():
             x = self.data.images[b]
-            if self.train:
-                x = _augment(x, gen)
+            if aug is not None:
+                x = _augment(x, *aug)
             x = (x.float() - self.mean) / self.std
             if self.size is not None and x.shape[-1] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
             yield x, self.data.labels[b]
 
+    def _batches(self) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]]:
+        """Indices (and augmentation draws) of this rank's batches.
 
-def _augment(x: Tensor, gen: Tensor, pad: int = 4) -> Tensor:
-    """Random crop from a zero-padded image, and a random horizontal flip, per image."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+        Training draws the order and the augmentation of each *global* batch (all ranks
+        together) from the epoch's seed and gives each rank its slice, so ``world`` ranks of
+        batch ``B`` see exactly what one process of batch ``world * B`` sees.
+        """
+        n = len(self.data)
+        if not self.train:
+            idx = torch.arange(self.rank, n, self.world)
+            for start in range(0, len(idx), self.batch_size):
+                yield idx[start : start + self.batch_size], None
+            return
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=gen)
+        g = self.batch_size * self.world
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for step in range(n // g):
+            draws = _augment_draws(g, self.data.images.shape[-2:], gen)
+            yield order[step * g : (step + 1) * g][mine], tuple(d[mine] for d in draws)
+
+
+def _augment_draws(n: int, hw: tuple[int, int], gen: torch.Generator, pad: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Crop offsets and flips for ``n`` images: the randomness of ``_augment``."""
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    return dy, dx, torch.rand(n, generator=gen) < 0.5
+
+
+def _augment(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
+    """Crop at (dy, dx) from a zero-padded image, then flip where asked, per image."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
     cols = dx[:, None] + torch.arange(w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
 @dataclass

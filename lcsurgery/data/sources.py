@@ -152,6 +152,15 @@ def _read_cifar10(root: Path, split: str, download: bool) -> ArrayDataset:
     return ArrayDataset(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), list(ds.classes))
 
 
+def dataset_classes(spec: str) -> list[str]:
+    """Class names of a dataset spec (for sizing a model's classifier)."""
+    path = Path(spec)
+    if path.is_dir() and not (path / "cifar-10-batches-py").exists() and not is_small_tree(path):
+        folder = _tree_split(path, "train")
+        return sorted(d.name for d in folder.iterdir() if d.is_dir())
+    return load_arrays(spec, "train").classes
+
+
 def is_small_tree(root: Path) -> bool:
     with Image.open(_first_image(_tree_split(root, "train"))) as im:
         return max(im.size) <= _SMALL

@@ -8,6 +8,7 @@ different compute on different images. Generated deterministically from a seed, 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -47,6 +48,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, label: int, cx: float, cy: float, r: 
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
 
 
+@functools.lru_cache(maxsize=4)
 def make_synthetic(n: int, seed: int = 0) -> ArrayDataset:
     """``n`` images, classes balanced, difficulty uniform in [0, 1]."""
     rng = np.random.default_rng(seed)

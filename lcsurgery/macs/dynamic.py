@@ -111,44 +111,67 @@ def count_macs(
     check_placement(placement)
     batches, n_batches = _batches(images, batch_size)
     show = progress if progress is not None else (n_batches is None or n_batches > 4)
-    keeps, actives, labels, masks = [], [], [], {b.name: [] for b in lc.lc_blocks()} if keep_masks else None
+    keeps, actives, labels, preds, masks = [], [], [], [], {b.name: [] for b in lc.lc_blocks()} if keep_masks else None
     size = None
     device = next(lc.parameters()).device
     with torch.no_grad():
         for x, y in tqdm(batches, total=n_batches, desc="counting MACs", disable=not show, leave=False):
             _check_images(x, lc, size)
             size = tuple(x.shape[1:])
-            lc(x.to(device))
+            out = lc(x.to(device))
             keep, active = _decisions(lc)
             keeps.append(keep.cpu())
             actives.append(active.cpu())
             if y is not None:
                 labels.append(y.cpu())
+            if isinstance(out, Tensor) and out.dim() == 2:
+                preds.append(out.argmax(1).cpu())
             if masks is not None:
                 for b in lc.lc_blocks():
                     if b.last.active() is not None:
                         masks[b.name].append(b.last.active().cpu())
     if size is None:
         raise LCSurgeryError("count_macs got no images")
-    keep, active = torch.cat(keeps), torch.cat(actives)
-    costs = static_costs(lc, size, counting)
+    return build_report(
+        static_costs(lc, size, counting),
+        torch.cat(keeps),
+        torch.cat(actives),
+        placement,
+        labels=torch.cat(labels) if labels and len(labels) == len(keeps) else None,
+        predictions=torch.cat(preds) if preds and len(preds) == len(keeps) else None,
+        masks={k: torch.cat(v) for k, v in masks.items() if v} if masks is not None else None,
+    )
+
+
+def build_report(
+    costs: StaticCosts,
+    keep: Tensor,
+    active: Tensor,
+    placement: str,
+    labels: Tensor | None = None,
+    predictions: Tensor | None = None,
+    masks: dict[str, Tensor] | None = None,
+) -> MacReport:
+    """A report from hard decisions (``keep`` bool [N, blocks], ``active`` int [N, blocks])."""
     per_sample = per_sample_macs(costs, keep, active, placement)
     by_block = {}
-    for j, (b, c) in enumerate(zip(lc.lc_blocks(), costs.blocks, strict=True)):
+    for j, c in enumerate(costs.blocks):
         k = keep[:, j]
         mean = c.gate + c.shortcut + (k.long() * (c.fixed(placement) + active[:, j] * c.per_channel(placement))).double().mean()
         frac = (active[k, j].double() / c.channels).mean() if c.channels and k.any() else torch.tensor(float("nan"))
-        by_block[b.name] = BlockMacs(b.name, c.dense, c.gate, float(mean), float(1 - k.double().mean()), float(frac))
+        by_block[c.name] = BlockMacs(c.name, c.dense, c.gate, float(mean), float(1 - k.double().mean()), float(frac))
     return MacReport(
         per_sample=per_sample,
         dense=costs.dense,
         open=costs.open,
         placement=placement,
-        counting=counting,
-        input_size=size,
+        counting=costs.counting,
+        input_size=costs.input_size,
         by_block=by_block,
         keep=keep,
         active=active,
-        labels=torch.cat(labels) if labels and len(labels) == len(keeps) else None,
-        masks={k: torch.cat(v) for k, v in masks.items() if v} if masks is not None else None,
+        labels=labels,
+        predictions=predictions,
+        masks=masks,
+        costs=costs,
     )

@@ -47,7 +47,16 @@ class MacReport:
     keep: Tensor  # bool [N, blocks]: block runs for that image
     active: Tensor  # int [N, blocks]: active gated channels (0 for blocks without C-Net)
     labels: Tensor | None = None  # [N] when the counted data carried labels
+    predictions: Tensor | None = None  # [N] argmax of the model's output, for classifiers
     masks: dict[str, Tensor] | None = field(default=None, repr=False)  # name -> bool [N, C], if asked for
+    costs: object = field(default=None, repr=False)  # the StaticCosts behind the numbers
+
+    @property
+    def accuracy(self) -> float | None:
+        """Top-1 accuracy where labels and class predictions were seen (None otherwise)."""
+        if self.labels is None or self.predictions is None:
+            return None
+        return float((self.predictions == self.labels).double().mean())
 
     @property
     def mean(self) -> float:
@@ -59,6 +68,12 @@ class MacReport:
         """Mean dynamic MACs as a fraction of the dense model's."""
         return self.mean / self.dense
 
+    def with_placement(self, placement: str) -> MacReport:
+        """The same images and gate decisions accounted under the other schedule (no new forward)."""
+        from lcsurgery.macs.dynamic import build_report
+
+        return build_report(self.costs, self.keep, self.active, placement, self.labels, self.predictions, self.masks)
+
     def summary(self) -> str:
         """A table a person can read: dense vs dynamic MACs, ratio, per-block skip rates."""
         convention = "conv+fc MACs" if self.counting == "conv_fc" else "fvcore MACs (norms and pooling included)"
@@ -69,8 +84,10 @@ class MacReport:
             f"  gates all open     {format_macs(self.open):>9}  (gates cost {format_macs(self.open - self.dense)})",
             f"  LC-Net, dynamic    {format_macs(self.mean):>9}  = {self.ratio:.3f} x dense  ({self.dense / self.mean:.2f}x fewer)",
             f"  min/median/max     {' / '.join(format_macs(v) for v in q)}",
-            "",
         ]
+        if self.accuracy is not None:
+            lines.append(f"  top-1 accuracy     {100 * self.accuracy:8.2f}%")
+        lines.append("")
         head = ("block", "dense", "mean", "skip rate", "active ch.")
         rows = [
             (b.name, format_macs(b.dense), format_macs(b.mean), f"{100 * b.skip_rate:.1f}%", "-" if math.isnan(b.active_fraction) else f"{100 * b.active_fraction:.1f}%")
