@@ -3,15 +3,23 @@
 For a batch, the block runs only on the samples whose L-Net keeps it (gather, compute,
 scatter-add onto the shortcut). Channels: the kept samples share one set of computed
 channels, the union of their active ones; each sample's own gate values still multiply its
-channels, so the result equals masked execution exactly (up to float rounding of the folded
+channels, so the result equals masked execution (up to float rounding of the folded
 BatchNorm). Sequential placement computes only the active filters of the first conv; parallel
 placement computes the first conv in full (it ran beside the gates) and trims what follows.
 
-Plans (folded, sliceable weights) are built on first use in eval mode and rebuilt when any
-parameter or buffer they read changes (tracked through tensor version counters).
+Batch 1, the case dynamic inference is for, takes a path with no tensor-level bookkeeping:
+one ``tolist()`` of the gate logits gives every decision in Python, sliced weights (BatchNorm
+folded in) are cached per active-channel pattern, and gate scaling is folded into the ops
+(``add(alpha=s_l)``; the channel multiply is skipped when every active gate is 1).
+
+Plans are built on first use in eval mode. They are dropped by ``train()``, ``load_state_dict``,
+``.to()`` and ``GatedBlock.force``, and rebuilt when a gate parameter changes in place; after
+editing other weights in place in eval mode, call ``model.eval()`` again.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +28,8 @@ from torch import Tensor, nn
 from lcsurgery.engine.ops import ActOp, AffineOp, ConvOp, GraphOp, Op, lower_chain
 from lcsurgery.fx.outline import Piece
 from lcsurgery.surgery.block import GatedBlock, GateState
+
+CACHE_SIZE = 64  # sliced-weight sets kept per block (one per distinct active-channel pattern)
 
 
 def _lower(piece: Piece | None, root: nn.Module, channel_dim: int) -> list[Op]:
@@ -43,22 +53,44 @@ def _run(ops: list[Op], x: Tensor) -> Tensor:
     return x
 
 
-def _run_sliced(ops: list[Op], x: Tensor, idx: Tensor) -> Tensor:
-    """Run per-channel ops on a tensor that holds only the channels in ``idx``."""
-    for op in ops:
-        if isinstance(op, ConvOp):
-            w, b = op.rows(idx)
-            x = op(x, w, b, idx.numel() if op.depthwise else None)
-        else:
-            x = op(x, idx)
-    return x
-
-
 def _sliceable_head(ops: list[Op]) -> bool:
     """First conv then per-channel ops only: every filter of every op can be trimmed."""
     if not ops or not isinstance(ops[0], ConvOp) or not ops[0].can_trim_rows:
         return False
     return all(isinstance(op, (AffineOp, ActOp)) or (isinstance(op, ConvOp) and op.depthwise) for op in ops[1:])
+
+
+class _Sliced:
+    """The head and next-conv weights for one set of active channels."""
+
+    def __init__(self, plan: BlockPlan, idx: Tensor) -> None:
+        self.idx = idx
+        self.count = idx.numel()
+        self.channel_dim = plan.channel_dim
+        self.depthwise_first = plan.head_sliceable and plan.head[0].depthwise
+        self.head = []  # (op, weight, bias, groups) for convs; the op itself for the rest
+        for op in plan.head if plan.head_sliceable else []:
+            if isinstance(op, ConvOp):
+                w, b = op.rows(idx)
+                self.head.append((op, w, b, self.count if op.depthwise else None))
+            elif isinstance(op, AffineOp):
+                self.head.append(AffineOp(op.scale.index_select(0, idx), op.shift.index_select(0, idx), op.channel_dim))
+            else:
+                self.head.append(op)
+        self.next_weight = plan.tail[0].cols(idx) if plan.tail_sliceable else None
+
+    def run_head(self, x: Tensor, skip_first: bool) -> Tensor:
+        if not skip_first and self.depthwise_first:  # a depthwise filter reads only its own channel
+            x = x.index_select(self.channel_dim, self.idx)
+        for i, item in enumerate(self.head):
+            if i == 0 and skip_first:
+                continue
+            if isinstance(item, tuple):
+                op, w, b, groups = item
+                x = op(x, w, b, groups)
+            else:
+                x = item(x)
+        return x
 
 
 class BlockPlan:
@@ -67,8 +99,8 @@ class BlockPlan:
     def __init__(self, block: GatedBlock) -> None:
         root, p, cd = block.root, block.pieces, block.channel_dim
         self.block = block
-        self.tensors = _state_tensors(block)
-        self.versions = [t._version for t in self.tensors]
+        self.gate_tensors = [t for lin in (block.l_net, block.c_net) if lin is not None for t in lin.parameters()]
+        self.versions = [t._version for t in self.gate_tensors]
         lins = [lin for lin in (block.l_net, block.c_net) if lin is not None]
         self.gate_weight = torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
         self.gate_bias = torch.cat([lin.bias.detach() for lin in lins])
@@ -77,6 +109,7 @@ class BlockPlan:
         self.sequential = block.placement == "sequential"
         self.channel_dim = cd
         self.shortcut = _lower(p["shortcut"], root, cd)
+        self.copy_identity = not self.shortcut  # a skipped block must not hand its input out as its output
         if self.has_channels:
             self.pre = _lower(p["pre"], root, cd)
             self.head = _merge(_lower(p["first"], root, cd), _lower(p["mid"], root, cd))
@@ -85,32 +118,81 @@ class BlockPlan:
             self.head_sliceable = _sliceable_head(self.head)
             self.tail_sliceable = not self.between and isinstance(self.tail[0], ConvOp) and self.tail[0].can_trim_cols
             self.channels = block.gated_channels
+            self.cache: OrderedDict[tuple[int, ...], _Sliced] = OrderedDict()
         else:
             self.branch = _lower(p["branch"], root, cd)
 
     def valid(self) -> bool:
-        return all(t._version == v for t, v in zip(self.tensors, self.versions, strict=True))
+        return all(t._version == v for t, v in zip(self.gate_tensors, self.versions, strict=True))
+
+    def sliced(self, active: tuple[int, ...], device: torch.device) -> _Sliced:
+        """Sliced weights for an active-channel pattern, least recently used evicted."""
+        hit = self.cache.get(active)
+        if hit is None:
+            hit = self.cache[active] = _Sliced(self, torch.tensor(active, dtype=torch.long, device=device))
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(active)
+        return hit
 
     def __call__(self, x: Tensor) -> Tensor:
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
         z = torch.addmm(self.gate_bias, pooled, self.gate_weight)
+        if x.shape[0] == 1:
+            return self._single(x, z)
         z_l = z[:, 0] if self.has_layer else None
         z_c = z[:, int(self.has_layer) :] if self.has_channels else None
-        s_l = z_l.clamp(0.0, 1.0) if z_l is not None else None
-        self.block.last = GateState(z_l, z_c, s_l, None)
+        self.block.last = GateState(z_l, z_c, None, None)
         shortcut = _run(self.shortcut, x)
         if z_l is None:
             return shortcut + self._branch(x, z_c)
+        s_l = z_l.clamp(0.0, 1.0)
         idx = (z_l > 0).nonzero().squeeze(1)
         kept = idx.numel()
         if kept == 0:
-            return shortcut.clone() if shortcut is x else shortcut
+            return shortcut.clone() if self.copy_identity else shortcut
         if kept == x.shape[0]:
             h = self._branch(x, z_c)
             return shortcut + h * s_l[:, None, None, None]
         h = self._branch(x.index_select(0, idx), z_c.index_select(0, idx) if z_c is not None else None)
         h = h * s_l.index_select(0, idx)[:, None, None, None]
         return shortcut.index_add(0, idx, h)
+
+    def _single(self, x: Tensor, z: Tensor) -> Tensor:
+        """Batch of one: every decision as a Python number, cached sliced weights, folded scales."""
+        values = z[0].tolist()
+        nl = int(self.has_layer)
+        self.block.last = GateState(z[:, 0] if nl else None, z[:, nl:] if self.has_channels else None, None, None)
+        shortcut = _run(self.shortcut, x)
+        s_l = min(values[0], 1.0) if nl else 1.0
+        if s_l <= 0:
+            return shortcut.clone() if self.copy_identity else shortcut
+        if not self.has_channels:
+            return torch.add(shortcut, _run(self.branch, x), alpha=s_l)
+        zc = values[nl:]
+        active = tuple(i for i, v in enumerate(zc) if v > 0)
+        h = _run(self.pre, x)
+        if len(active) == self.channels:
+            h = _run(self.head, h)
+            if any(v < 1.0 for v in zc):
+                h = h * self.block.channel_view(z[:, nl:].clamp(0.0, 1.0))
+            return torch.add(shortcut, _run(self.tail, _run(self.between, h)), alpha=s_l)
+        sl = self.sliced(active or (0,), x.device)
+        if self.head_sliceable and self.sequential:
+            h = sl.run_head(h, skip_first=False)
+        elif self.head_sliceable:
+            h = sl.run_head(self.head[0](h).index_select(self.channel_dim, sl.idx), skip_first=True)
+        else:
+            h = _run(self.head, h).index_select(self.channel_dim, sl.idx)
+        if not active or any(zc[i] < 1.0 for i in active):
+            h = h * self.block.channel_view(z[:, nl:].index_select(1, sl.idx).clamp(0.0, 1.0))
+        if self.tail_sliceable:
+            first = self.tail[0]
+            h = _run(self.tail[1:], first(h, sl.next_weight, first.bias))
+        else:
+            h = self._scatter_tail(h, sl.idx)
+        return torch.add(shortcut, h, alpha=s_l)
 
     def _branch(self, x: Tensor, z_c: Tensor | None) -> Tensor:
         if z_c is None:
@@ -125,43 +207,30 @@ class BlockPlan:
             h = h * self.block.channel_view(s_c)
             return _run(self.tail, _run(self.between, h))
         idx = on.nonzero().squeeze(1) if n_on else on.new_zeros(1, dtype=torch.long)
+        sl = self.sliced(tuple(idx.tolist()), x.device)
         if self.head_sliceable and self.sequential:
-            h = _run_sliced(self.head, h, idx)
+            h = sl.run_head(h, skip_first=False)
         elif self.head_sliceable:
-            h = _run_sliced(self.head[1:], self.head[0](h).index_select(cd, idx), idx)
+            h = sl.run_head(self.head[0](h).index_select(cd, idx), skip_first=True)
         else:
             h = _run(self.head, h).index_select(cd, idx)
         h = h * self.block.channel_view(s_c.index_select(1, idx))
         if self.tail_sliceable:
             first = self.tail[0]
-            return _run(self.tail[1:], first(h, first.cols(idx), first.bias))
+            return _run(self.tail[1:], first(h, sl.next_weight, first.bias))
+        return self._scatter_tail(h, idx)
+
+    def _scatter_tail(self, h: Tensor, idx: Tensor) -> Tensor:
+        """Put the computed channels back among zeros and run the rest of the branch on all channels."""
+        cd = self.channel_dim % h.dim()
         shape = list(h.shape)
         shape[cd] = self.channels
-        full = h.new_zeros(shape).index_copy_(cd % h.dim(), idx, h)
+        full = h.new_zeros(shape).index_copy_(cd, idx, h)
         return _run(self.tail, _run(self.between, full))
-
-
-def _state_tensors(block: GatedBlock) -> list[Tensor]:
-    """Every parameter and buffer the block's plan reads, to detect changes."""
-    seen: dict[int, Tensor] = {}
-    for lin in (block.l_net, block.c_net):
-        if lin is not None:
-            for t in lin.parameters():
-                seen[id(t)] = t
-    for piece in block.pieces.values():
-        if piece is None:
-            continue
-        for target in piece.module_targets():
-            m = block.root.get_submodule(target)
-            for t in [*m.parameters(), *m.buffers()]:
-                seen[id(t)] = t
-    return list(seen.values())
 
 
 def skip_forward(block: GatedBlock, x: Tensor) -> Tensor:
     """Eval-mode forward of ``block`` that skips gated-off work for real."""
-    if torch.is_grad_enabled():
-        return block.masked_forward(x)  # autograd needs every parameter in the graph
     plan = block.engine
     if plan is None or not plan.valid():
         plan = block.engine = BlockPlan(block)
