@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lcsurgery.cli import demo
+from lcsurgery.cli import bench, compare, demo, figures, finetune
 from lcsurgery.errors import LCSurgeryError
 
-COMMANDS = {"demo": demo}
+COMMANDS = {"demo": demo, "finetune": finetune, "compare": compare, "figures": figures, "bench": bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +23,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LCSurgeryError as exc:
         print(f"lcsurgery {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Fine-tuning: gate L1 regularisation, MAC budgets, optimiser groups, the training loop, torchrun."""

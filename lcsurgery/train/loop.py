@@ -1,0 +1,328 @@
+"""The fine-tuning loop behind ``lcsurgery finetune``: L1 or MAC-budget training, logs, resume.
+
+Per epoch: train with progress (loss, accuracy, current MAC fraction), evaluate in eval mode
+with hard gates (accuracy, mean MACs under both placements, per-block skip rates), append a
+line to ``log.jsonl``, and write ``last.pt`` (model, optimiser, scheduler, controller and RNG
+state). At the end: ``model.pt`` (weights only) and ``metrics.json``. ``resume=True``
+continues a killed run from its last finished epoch; a run is reproducible from its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+import lcsurgery
+from lcsurgery.data.loaders import Loaders, make_loaders
+from lcsurgery.data.sources import dataset_classes
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.macs.static import fvcore_macs
+from lcsurgery.models.factory import create_model
+from lcsurgery.surgery.checkpoint import load_weights
+from lcsurgery.train import distributed
+from lcsurgery.train.budget import BudgetController
+from lcsurgery.train.optim import param_groups
+from lcsurgery.train.regularize import gate_l1, macs_penalty
+
+RUN_FILES = ("config.json", "log.jsonl", "steps.jsonl", "last.pt", "model.pt", "metrics.json")
+STEP_LOG_EVERY = 10
+_NOT_IDENTITY = {"out", "resume", "force", "workers"}  # may change between a run and its resumption
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run (see ``lcsurgery finetune --help``)."""
+
+    model: str
+    data: str = "synthetic"
+    out: str = "runs/finetune"
+    placement: str = "parallel"
+    dense: bool = False  # fine-tune the original model, no gates (the baseline)
+    l1: float = 0.0  # penalty strength; with a budget, its initial value
+    budget: float | None = None  # target fraction of dense MACs, adapts the penalty
+    penalty: str = "macs"  # "macs": macs_penalty (hard cost, surrogate gradient); "l1": gate_l1 (the paper's)
+    cost_aware: bool = True
+    epochs: int = 5
+    batch_size: int = 128  # per process
+    lr: float = 0.01
+    gate_lr: float | None = None  # None: auto_gate_lr(total steps)
+    gate_optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    slope: float = 0.05
+    gate_noise: float = 0.2  # logistic noise on gate logits in training (see GatedBlock.noise)
+    size: int | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    amp: bool = False
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise LCSurgeryError(f"--budget is a fraction of the dense model's MACs and must be in (0, 1], got {self.budget}")
+        if self.dense and (self.budget is not None or self.l1):
+            raise LCSurgeryError("--dense fine-tunes the original model without gates: drop --budget and --l1")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise LCSurgeryError("--epochs and --batch-size must be positive")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+
+
+def _prepare_out(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.out)
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if cfg.resume:
+        if not (out / "last.pt").exists():
+            raise LCSurgeryError(f"nothing to resume in {out}: no last.pt (start the run without --resume)")
+        saved = json.loads((out / "config.json").read_text())
+        diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise LCSurgeryError(f"cannot resume {out} with a different configuration ({detail}); use another --out or the same options")
+        return out
+    if existing and not cfg.force:
+        raise LCSurgeryError(f"{out} already holds a run ({', '.join(existing)}): pass --force to overwrite it or --resume to continue it")
+    if existing:
+        for f in existing:
+            (out / f).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.identity(), indent=2))
+    return out
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    """The model to fine-tune: created from its spec, converted unless dense, checkpoint loaded."""
+    try:
+        model = create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained)
+    except (RuntimeError, OSError) as exc:
+        if not cfg.pretrained:
+            raise
+        raise LCSurgeryError(f"could not fetch pretrained weights for {cfg.model} ({exc}); pass --checkpoint instead") from exc
+    if not cfg.dense:
+        size = cfg.size or _native_size(model)
+        model = lcsurgery.convert(model, cfg.placement, slope=cfg.slope, input_size=(3, size, size))
+    if cfg.checkpoint:
+        result = load_weights(model, cfg.checkpoint, reinit_head=True)
+        if result.reinitialised:
+            print(f"note: {', '.join(result.reinitialised)} re-initialised for {num_classes} classes")
+    return model
+
+
+def auto_gate_lr(steps: int) -> float:
+    """Default gate learning rate: 3e-3, raised for short runs so gates can reach their decisions.
+
+    Adam moves a gate logit by about one learning rate per step whatever the penalty strength,
+    and gates start one unit above the decision boundary. The MAC target ramps down over the
+    first half of training while the cosine schedule averages ~0.8 of its peak there, so a
+    gate can travel about ``0.4 * steps * lr`` in that time: 4 / steps allows ~1.6 units.
+    """
+    return max(3e-3, 4.0 / max(steps, 1))
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig, steps: int) -> torch.optim.Optimizer:
+    """SGD (Nesterov) for the backbone; the gates in the same SGD or, by default, in Adam.
+
+    Adam normalises each gate's step: under SGD an L-gate, one scalar that carries a whole
+    block's MACs, gets C times the push of any one of the block's C channel gates, reaches
+    zero first, and retrofitting degenerates into skipping whole blocks for every input.
+    """
+    if cfg.dense:
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    gate_lr = cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(steps)
+    backbone, gates = param_groups(model, cfg.lr, gate_lr, cfg.weight_decay)
+    if cfg.gate_optimizer == "sgd":
+        return torch.optim.SGD([backbone, gates], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return _SgdAdam(backbone, gates, cfg.momentum)
+
+
+class _SgdAdam(torch.optim.Optimizer):
+    """One optimiser object (one scheduler, one state dict) stepping the backbone with SGD and the gates with Adam."""
+
+    def __init__(self, backbone: dict, gates: dict, momentum: float) -> None:
+        self.sgd = torch.optim.SGD([backbone], lr=backbone["lr"], momentum=momentum, nesterov=True)
+        self.adam = torch.optim.Adam([gates], lr=gates["lr"])
+        super().__init__(self.sgd.param_groups + self.adam.param_groups, {})
+
+    def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
+        self.sgd.step()
+        self.adam.step()
+
+    def state_dict(self) -> dict:
+        return {"sgd": self.sgd.state_dict(), "adam": self.adam.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sgd.load_state_dict(state["sgd"])
+        self.adam.load_state_dict(state["adam"])
+        self.param_groups = self.sgd.param_groups + self.adam.param_groups  # loading replaced the group dicts
+
+
+def _native_size(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if hasattr(model, "default_input_size"):
+        return model.default_input_size[-1]
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    return 224
+
+
+def noise_factor(progress: float, ramp: float = 0.5) -> float:
+    """Gate noise over training: full while the MAC target ramps down, then fading to zero by the
+    three-quarter mark, so that training ends on exactly the function eval computes."""
+    fade = (1.0 - ramp) / 2
+    return min(max(1.0 - (progress - ramp) / fade, 0.0), 1.0)
+
+
+def _set_noise(model: nn.Module, scale: float) -> None:
+    for block in lcsurgery.gated_blocks(model):
+        block.noise = scale
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write never leaves a truncated checkpoint
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loaders: Loaders, placement: str, dense: bool) -> dict:
+    """Eval-mode accuracy and MACs per image (hard gates), for both placements when gated."""
+    model.eval()
+    if dense:
+        device = _device(model)
+        correct = total = 0
+        for x, y in loaders.test:
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+            total += len(y)
+        macs = fvcore_macs(model, (torch.zeros(1, *x.shape[1:], device=device),))
+        return {"val_accuracy": correct / total, "mean_macs": macs, "dense_macs": macs, "mac_fraction": 1.0}
+    report = lcsurgery.count_macs(model, loaders.test, placement, progress=False)
+    other = report.with_placement("sequential" if placement == "parallel" else "parallel")
+    return {
+        "val_accuracy": report.accuracy,
+        "mean_macs": report.mean,
+        "dense_macs": report.dense,
+        "mac_fraction": report.ratio,
+        "mean_macs_by_placement": {placement: report.mean, other.placement: other.mean},
+        "skip_rates": {n: round(b.skip_rate, 4) for n, b in report.by_block.items()},
+        "active_fraction": {n: round(b.active_fraction, 4) for n, b in report.by_block.items()},
+    }
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run (or resume) a fine-tuning job; returns the final metrics (also in ``<out>/metrics.json``)."""
+    d = distributed.setup()
+    try:
+        return _finetune(cfg, d)
+    finally:
+        distributed.teardown()
+
+
+def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
+    out = _prepare_out(cfg) if d.main else Path(cfg.out)
+    d.barrier()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, len(dataset_classes(cfg.data))).to(d.device)
+    loaders = make_loaders(
+        cfg.data, model, cfg.batch_size, size=cfg.size, seed=cfg.seed, rank=d.rank, world=d.world,
+        train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=cfg.workers,
+    )  # fmt: skip
+    lc = None if cfg.dense else model
+    train_model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else model
+    steps = cfg.epochs * len(loaders.train)
+    opt = make_optimizer(model, cfg, steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0) if cfg.budget is not None else None
+    start = 0
+    if cfg.resume:
+        state = torch.load(out / "last.pt", map_location=d.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if controller is not None:
+            controller.load_state_dict(state["controller"])
+        torch.set_rng_state(state["rng"])
+        start = state["epoch"]
+        if d.main:
+            print(f"resuming {out} after epoch {start}")
+    scaler = torch.amp.GradScaler(enabled=cfg.amp and d.device.type == "cuda")
+    amp_dtype = torch.float16 if d.device.type == "cuda" else torch.bfloat16
+    metrics: dict = {}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        loaders.train.set_epoch(epoch)
+        train_model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not d.main, dynamic_ncols=True)
+        for x, y in bar:
+            if lc is not None:
+                _set_noise(lc, cfg.gate_noise * noise_factor(sched.last_epoch / steps))
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            with torch.autocast(d.device.type, dtype=amp_dtype, enabled=cfg.amp):
+                logits = train_model(x)
+                loss = F.cross_entropy(logits, y)
+            info = {}
+            if lc is not None:
+                frac = d.mean(float(lcsurgery.last_macs(lc).double().mean()) / lcsurgery.static_costs(lc, tuple(x.shape[1:])).dense)
+                strength = controller.update(frac, sched.last_epoch / steps) if controller is not None else cfg.l1
+                if strength:
+                    penalty = macs_penalty(lc) if cfg.penalty == "macs" else gate_l1(lc, cost_aware=cfg.cost_aware)
+                    loss = loss + strength * penalty
+                info = {"macs": f"{frac:.3f}", "penalty": f"{strength:.3g}"}
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", **info)
+            if d.main and lc is not None and sched.last_epoch % STEP_LOG_EVERY == 0:
+                with open(out / "steps.jsonl", "a") as f:
+                    f.write(json.dumps({"step": sched.last_epoch, "epoch": epoch + 1, "loss": loss.item(), "mac_fraction": frac, "penalty_strength": strength}) + "\n")
+        if d.main:
+            metrics = evaluate(model, loaders, cfg.placement, cfg.dense)
+        if controller is not None:
+            controller.calibrate(d.broadcast(metrics.get("mac_fraction", 0.0)))
+        if d.main:
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen, **metrics, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+            if controller is not None:
+                record["penalty_strength"] = controller.strength
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+            if controller is not None:
+                state["controller"] = controller.state_dict()
+            _save(out / "last.pt", state)
+            print(f"epoch {epoch + 1}: val accuracy {metrics['val_accuracy']:.4f}, MACs {metrics['mac_fraction']:.3f} of dense")
+        d.barrier()
+    in_sync = d.parameters_identical(model)
+    if d.main:
+        if not metrics:
+            metrics = evaluate(model, loaders, cfg.placement, cfg.dense)
+        _save(out / "model.pt", model.state_dict())
+        final = {**metrics, "placement": None if cfg.dense else cfg.placement, "epochs": cfg.epochs, "model": cfg.model, "data": cfg.data, "budget": cfg.budget, "l1": cfg.l1, "world_size": d.world, "ranks_identical": in_sync}
+        (out / "metrics.json").write_text(json.dumps(final, indent=2))
+        return final
+    return {}

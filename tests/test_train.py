@@ -1,0 +1,222 @@
+"""Fine-tuning: penalties, optimiser groups, the budget controller, the CLI, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from zoo import example, original, randomize_gates
+
+import lcsurgery
+from lcsurgery.cli import main
+from lcsurgery.models.cifar_resnet import resnet56
+from lcsurgery.models.factory import create_model
+from lcsurgery.train.budget import BudgetController
+from lcsurgery.train.loop import FinetuneConfig, finetune
+from lcsurgery.train.optim import param_groups
+from lcsurgery.layers.relu1 import leaky_relu1
+from lcsurgery.train.regularize import gate_l1, macs_penalty
+
+TINY = str(Path(__file__).parent / "assets" / "tiny_model.py") + ":tiny"
+FAST = ["--data", "synthetic:400", "--test-subset", "100", "--batch-size", "40", "--epochs", "2"]
+
+
+def _trained_forward(seed: int = 0) -> lcsurgery.LCModel:
+    lc = lcsurgery.convert(original("cifar.resnet20"), "sequential").train()
+    randomize_gates(lc, seed=seed)
+    lc(example("cifar.resnet20", batch=8))
+    return lc
+
+
+class TestPenalties:
+    def test_gate_l1_is_one_with_open_gates_and_depth_independent(self):
+        for name in ("cifar.resnet20", "tv.resnet50"):
+            size = 32 if name.startswith("cifar") else 64
+            lc = lcsurgery.convert(original(name), input_size=(3, size, size)).train()
+            lc(example(name, batch=2))
+            assert torch.allclose(gate_l1(lc), torch.tensor(1.0))
+            assert torch.allclose(gate_l1(lc, cost_aware=True), torch.tensor(1.0))
+
+    def test_gate_l1_is_the_mean_gate_value(self):
+        lc = _trained_forward()
+        expected = []
+        for b in lcsurgery.gated_blocks(lc):
+            expected += [leaky_relu1(z, b.slope).clamp(min=-b.slope).mean() for z in (b.last.z_l, b.last.z_c)]
+        assert torch.allclose(gate_l1(lc), torch.stack(expected).mean(), atol=1e-6)
+
+    def test_penalties_train_the_gates_only(self):
+        lc = _trained_forward()
+        for penalty in (gate_l1(lc, cost_aware=True), macs_penalty(lc)):
+            lc.zero_grad()
+            penalty.backward()
+            grads = {n: p.grad for n, p in lc.named_parameters()}
+            assert all(g is None or not g.any() for n, g in grads.items() if not n.startswith("lc_gates."))
+            assert any(g is not None and g.any() for n, g in grads.items() if n.startswith("lc_gates."))
+
+    def test_macs_penalty_value_is_the_hard_cost(self):
+        lc = _trained_forward(seed=3)
+        dense = lcsurgery.static_costs(lc, (3, 32, 32)).dense
+        for placement in ("parallel", "sequential"):
+            value = macs_penalty(lc, placement)
+            assert math.isclose(float(value), float(lcsurgery.last_macs(lc, placement).double().mean()) / dense, rel_tol=1e-6)
+
+    def test_cost_aware_weights_follow_the_placement(self):
+        lc = _trained_forward()
+        lc.zero_grad()
+        gate_l1(lc, cost_aware=True, placement="sequential").backward()
+        seq = lc.lc_gates.layer1_1.c_net.bias.grad.abs().sum()
+        lc.zero_grad()
+        gate_l1(lc, cost_aware=True, placement="parallel").backward()
+        par = lc.lc_gates.layer1_1.c_net.bias.grad.abs().sum()
+        assert seq > par > 0  # sequential: a channel also trims the first conv, so it matters more
+
+
+def test_param_groups():
+    lc = lcsurgery.convert(original("cifar.resnet20"))
+    backbone, gates = param_groups(lc, lr=0.01, gate_lr=0.003)
+    assert (backbone["lr"], backbone["weight_decay"], gates["lr"], gates["weight_decay"]) == (0.01, 5e-4, 0.003, 0.0)
+    gate_ids = {id(p) for p in gates["params"]}
+    assert gate_ids == {id(p) for n, p in lc.named_parameters() if n.startswith("lc_gates.")}
+    assert len(backbone["params"]) + len(gates["params"]) == len(list(lc.parameters()))
+    opt = torch.optim.SGD(param_groups(lc, lr=5e-3), momentum=0.9, nesterov=True, weight_decay=5e-4)
+    assert opt.param_groups[1]["lr"] == 5e-3 * 10
+
+
+class TestBudgetController:
+    def test_strength_rises_above_target_and_falls_below(self):
+        c = BudgetController(0.5, ramp=0.0)
+        up = [c.update(0.9, i / 500) for i in range(50)][-1]
+        assert up > 1.0
+        down = [c.update(0.1, (50 + i) / 500) for i in range(200)][-1]
+        assert down < up
+
+    def test_target_ramps_from_dense_to_budget(self):
+        c = BudgetController(0.4, ramp=0.5)
+        targets = []
+        for p in (0.0, 0.25, 0.5, 0.9):
+            c.update(0.9, progress=p)
+            targets.append(c.current_target)
+        assert targets == pytest.approx([1.0, 0.7, 0.4, 0.4])
+
+    def test_calibration_shifts_the_training_target(self):
+        c = BudgetController(0.5, ramp=0.0, smoothing=0.0)
+        c.update(0.48, 0.1)
+        c.calibrate(0.53)  # eval costs 0.05 more than the training batches
+        assert c.train_target == pytest.approx(0.45)
+
+    def test_state_roundtrip(self):
+        c = BudgetController(0.5)
+        for f in (0.9, 0.8, 0.7):
+            c.update(f, progress=0.1)
+        d = BudgetController(0.5)
+        d.load_state_dict(c.state_dict())
+        assert d.update(0.6, 0.2) == c.update(0.6, 0.2)
+
+    @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+    def test_budget_outside_unit_interval(self, bad):
+        with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+            BudgetController(bad)
+
+
+class TestCliErrors:
+    def _err(self, capsys, args) -> str:
+        assert main(["finetune", *args]) == 2
+        return capsys.readouterr().err
+
+    def test_unknown_model_spec(self, capsys, tmp_path):
+        assert "unknown model spec 'resnet99'" in self._err(capsys, ["--model", "resnet99", "--out", str(tmp_path / "a")])
+
+    def test_missing_data(self, capsys, tmp_path):
+        err = self._err(capsys, ["--model", "cifar:resnet20", "--data", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "a")])
+        assert "does not exist" in err
+
+    def test_checkpoint_of_another_architecture(self, capsys, tmp_path):
+        ckpt = tmp_path / "r56.pt"
+        torch.save(resnet56().state_dict(), ckpt)
+        err = self._err(capsys, ["--model", "cifar:resnet20", "--checkpoint", str(ckpt), *FAST, "--out", str(tmp_path / "a")])
+        assert "checkpoint does not fit" in err and "unexpected" in err
+
+    @pytest.mark.parametrize("budget", ["0", "1.2"])
+    def test_budget_outside_unit_interval(self, capsys, tmp_path, budget):
+        err = self._err(capsys, ["--model", TINY, "--budget", budget, *FAST, "--out", str(tmp_path / "a")])
+        assert "must be in (0, 1]" in err
+
+    def test_out_is_not_overwritten_without_force_and_resume_checks_the_config(self, capsys, tmp_path):
+        out = str(tmp_path / "run")
+        args = ["--model", TINY, *FAST, "--epochs", "1", "--budget", "0.8", "--out", out]
+        assert main(["finetune", *args]) == 0
+        capsys.readouterr()
+        before = (Path(out) / "model.pt").read_bytes()
+        assert "already holds a run" in self._err(capsys, args)
+        assert (Path(out) / "model.pt").read_bytes() == before
+        err = self._err(capsys, [*args[:-2], "--budget", "0.5", "--out", out, "--resume"])
+        assert "cannot resume" in err and "budget: 0.8 -> 0.5" in err
+        assert main(["finetune", *args, "--force"]) == 0
+
+
+def test_run_writes_logs_checkpoint_and_metrics(tmp_path):
+    out = tmp_path / "run"
+    metrics = finetune(FinetuneConfig(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=2, budget=0.7, placement="sequential", out=str(out)))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert 0.0 <= saved["val_accuracy"] <= 1.0 and saved["placement"] == "sequential"
+    assert 0 < saved["mean_macs"] <= saved["dense_macs"] * 1.01
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert set(log[0]["mean_macs_by_placement"]) == {"parallel", "sequential"} and "skip_rates" in log[0]
+    assert (out / "steps.jsonl").exists()
+    lc = lcsurgery.convert(create_model(TINY), "sequential")
+    lc.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # weights only, no pickled code
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "controller", "rng", "epoch"} <= set(state)
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lcsurgery.cli", "finetune", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    args = ["--model", TINY, "--data", "synthetic:1200", "--test-subset", "100", "--batch-size", "20", "--epochs", "4", "--budget", "0.6", "--seed", "3"]
+    straight = _run_cli([*args, "--out", str(tmp_path / "straight")])
+    assert straight.wait(timeout=600) == 0
+    killed = _run_cli([*args, "--out", str(tmp_path / "killed")])
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 600
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= done < 4, "the run must be killed mid-way for this test to mean something"
+    resumed = _run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "straight" / "metrics.json").read_text()) == json.loads((tmp_path / "killed" / "metrics.json").read_text())
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    common = ["--model", TINY, "--data", "synthetic:320", "--test-subset", "40", "--epochs", "1", "--budget", "0.7", "--gate-noise", "0", "--seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lcsurgery.cli", "finetune", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
+    assert main(["finetune", *common, "--batch-size", "16", "--out", str(tmp_path / "single")]) == 0
+    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "model.pt", weights_only=True)
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["ranks_identical"] is True
+    assert set(a) == set(b)
+    worst = max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-8)) for k in a)
+    assert worst < 1e-4
