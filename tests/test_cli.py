@@ -1,17 +1,36 @@
-"""The command line: subcommands run, bad input gets one clear error and exit status 2."""
+"""The command line: the demo end to end, and one clear error (exit status 2) for bad input."""
 
 from __future__ import annotations
+
+import json
+
+from PIL import Image
 
 from lcsurgery.cli import main
 
 
-def test_demo_shows_blocks_and_exactness(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "CifarResNet: 9 residual blocks to gate" in out
-    assert out.count("9 gated blocks") == 2
+def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--data", "synthetic:600", "--epochs", "1", "--test-subset", "200", "--rounds", "3", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "CifarResNet: 9 residual blocks to gate" in printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["dense", "sequential-50", "parallel-50"]
+    assert rows[0]["mac_fraction"] == 1.0 and all(r["mac_fraction"] < 1.0 for r in rows[1:])
+    table = json.loads((out / "sequential-50" / "compare.json").read_text())
+    assert table["identical_predictions"] == table["images"] > 0  # one set of gates, two schedules
+    acc = {r["model"]: r["accuracy"] for r in table["rows"]}
+    assert acc["LC-Net, parallel"] == acc["LC-Net, sequential"]
+    macs = {r["model"]: r["macs"] for r in table["rows"]}
+    assert macs["LC-Net, sequential"] < macs["LC-Net, parallel"] < macs["dense fine-tune"]
+    for name in ("tradeoff", "extreme_images", "channel_heatmap", "macs_histogram", "skip_rates"):
+        with Image.open(out / "figures" / f"{name}.png") as im:
+            assert im.width >= 400 and im.height >= 300, name
+    assert main(args) == 0  # finished runs are reused, not retrained
+    assert "training" not in capsys.readouterr().out
 
 
-def test_unknown_model_spec(capsys):
-    assert main(["demo", "--model", "resnet50"]) == 2
-    assert "unknown model spec 'resnet50'" in capsys.readouterr().err
+def test_demo_on_a_missing_data_path(capsys, tmp_path):
+    assert main(["demo", "--data", str(tmp_path / "nope.tar.gz"), "--checkpoint", "x.th", "--out", str(tmp_path / "d")]) == 2
+    assert "does not exist" in capsys.readouterr().err

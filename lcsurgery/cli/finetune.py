@@ -16,15 +16,19 @@ from lcsurgery.models.factory import SPEC_HELP
 from lcsurgery.train.loop import FinetuneConfig, finetune
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
+    """The finetune options; ``single_run=False`` leaves out those a multi-run benchmark sets per run."""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", required=True, help=f"model spec: {SPEC_HELP}")
     p.add_argument("--data", default="synthetic", help="a .tar.gz ImageFolder, an ImageFolder tree, cifar10:<dir>, or synthetic (built in)")
-    p.add_argument("--out", default="runs/finetune", help="run folder: config, log.jsonl, last.pt, model.pt, metrics.json")
-    p.add_argument("--placement", choices=("parallel", "sequential"), default="parallel", help="the schedule MACs are accounted (and budgeted) for")
-    p.add_argument("--dense", action="store_true", help="fine-tune the original model without gates (the baseline)")
-    p.add_argument("--l1", type=float, default=0.0, help="strength of the gate L1 penalty (with --budget: its starting value)")
-    p.add_argument("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")
+    if single_run:
+        p.add_argument("--out", default="runs/finetune", help="run folder: config, log.jsonl, last.pt, model.pt, metrics.json")
+        p.add_argument("--placement", choices=("parallel", "sequential"), default="parallel", help="the schedule MACs are accounted (and budgeted) for")
+        p.add_argument("--dense", action="store_true", help="fine-tune the original model without gates (the baseline)")
+        p.add_argument("--l1", type=float, default=0.0, help="strength of the gate L1 penalty (with --budget: its starting value)")
+        p.add_argument("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+        p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--penalty", choices=("macs", "l1"), default="macs", help="macs: the hard MAC cost with surrogate gradients; l1: gate L1 (the paper's)")
     p.add_argument("--no-cost-aware", dest="cost_aware", action="store_false", help="plain L1 instead of weighting gates by the MACs they control")
     p.add_argument("--epochs", type=int, default=5)
@@ -42,8 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-subset", type=int, help="evaluate on only this many test images (class-balanced)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on GPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (ImageFolder trees only)")
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks that print and save numbers: latency of real skipping, accuracy-MACs trade-offs."""

@@ -1,0 +1,199 @@
+"""Latency benchmark: does skipping become speed? Dense vs converted, interleaved, one process.
+
+For each model, batch size and placement it times, round-robin within one process so machine
+noise hits every variant alike: the original model, the converted model with every gate open,
+and the converted model with gates forced to fixed patterns (blocks skipped, half the channels
+of the rest) or trained gates from a run folder. It reports medians and
+
+- the cost of open gates: time(open) / time(original) - 1, and
+- the translation efficiency of skipping: (time(open) / time(gated)) / (MACs(open) / MACs(gated)),
+  which is 1 when every MAC saved is time saved.
+
+Prints a table and writes JSON. Not a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import lcsurgery
+from lcsurgery.models.factory import create_model
+
+
+@dataclass
+class Row:
+    """One timed variant."""
+
+    model: str
+    batch: int
+    placement: str
+    pattern: str
+    ms: float  # median milliseconds per batch
+    macs: float  # mean MACs per image under the placement (dense model: its MACs)
+    speedup_vs_open: float | None = None
+    mac_ratio_vs_open: float | None = None
+    efficiency: float | None = None
+    overhead_vs_original: float | None = None
+    spread: dict = field(default_factory=dict)  # quartiles, to judge the noise
+
+
+def force_pattern(lc: nn.Module, skip_fraction: float, channel_fraction: float) -> None:
+    """Skip ``skip_fraction`` of the blocks (evenly spread) and keep the first ``channel_fraction``
+    of every other block's gated channels, for every input."""
+    blocks = lcsurgery.gated_blocks(lc)
+    n_skip = round(skip_fraction * len(blocks))
+    skipped = {round((i + 0.5) * len(blocks) / n_skip - 0.5) for i in range(n_skip)} if n_skip else set()
+    for i, b in enumerate(blocks):
+        if b.l_net is not None:
+            b.force(keep=i not in skipped)
+        if b.c_net is not None:
+            b.force(channels=torch.arange(b.gated_channels) < max(1, round(channel_fraction * b.gated_channels)))
+
+
+def open_gates(lc: nn.Module) -> None:
+    for b in lcsurgery.gated_blocks(lc):
+        b.reset_gates()
+
+
+def _time(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Round-robin timing: each round runs every variant once, in a rotating order."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            samples[n].append(time.perf_counter() - t0)
+    return samples
+
+
+def bench_model(
+    name: str,
+    model: nn.Module,
+    size: int,
+    batches: list[int],
+    patterns: dict[str, Callable[[nn.Module], None]],
+    rounds: int,
+    warmup: int,
+) -> list[Row]:
+    """Time one model: original, converted-open, and each pattern, both placements, each batch size."""
+    model = model.eval()
+    rows: list[Row] = []
+    variants: dict[str, nn.Module] = {}
+    macs: dict[tuple[str, str], float] = {}
+    for placement in ("parallel", "sequential"):
+        for pattern, apply in patterns.items():
+            lc = lcsurgery.convert(model, placement, input_size=(3, size, size)).eval()
+            apply(lc)
+            variants[f"{placement}/{pattern}"] = lc
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            for key, lc in variants.items():
+                placement, pattern = key.split("/")
+                macs[(key, str(batch))] = lcsurgery.count_macs(lc, x[: min(batch, 16)], placement).mean
+            dense_macs = lcsurgery.count_macs(variants["parallel/open"], x[:1]).dense
+            fns = {"original": lambda: model(x)} | {k: (lambda m=m: m(x)) for k, m in variants.items()}
+            samples = _time(fns, rounds, warmup)
+        med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+        q = {k: [round(t * 1e3, 4) for t in statistics.quantiles(v, n=4)] for k, v in samples.items()}
+        rows.append(Row(name, batch, "-", "original", med["original"], dense_macs, spread={"quartiles_ms": q["original"]}))
+        for key in variants:
+            placement, pattern = key.split("/")
+            open_key = f"{placement}/open"
+            row = Row(name, batch, placement, pattern, med[key], macs[(key, str(batch))], spread={"quartiles_ms": q[key]})
+            if pattern == "open":
+                row.overhead_vs_original = med[key] / med["original"] - 1
+            else:
+                row.speedup_vs_open = med[open_key] / med[key]
+                row.mac_ratio_vs_open = macs[(open_key, str(batch))] / row.macs
+                row.efficiency = row.speedup_vs_open / row.mac_ratio_vs_open
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("model", "batch", "placement", "gates", "ms", "MACs/img", "speedup", "MAC ratio", "efficiency", "open cost")
+    lines = []
+    for r in rows:
+        lines.append((
+            r.model, str(r.batch), r.placement, r.pattern, f"{r.ms:.3f}", f"{r.macs / 1e6:.2f}M",
+            f"{r.speedup_vs_open:.2f}x" if r.speedup_vs_open else "", f"{r.mac_ratio_vs_open:.2f}x" if r.mac_ratio_vs_open else "",
+            f"{r.efficiency:.2f}" if r.efficiency else "", f"{100 * r.overhead_vs_original:+.1f}%" if r.overhead_vs_original is not None else "",
+        ))  # fmt: skip
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in lines])
+
+
+MODELS = {
+    "cifar:resnet20": 32,
+    "cifar:resnet56": 32,
+    "torchvision:resnet50": 224,
+}
+
+
+def run(
+    models: list[str],
+    batches: list[int],
+    threads: int,
+    rounds: int,
+    warmup: int,
+    out: Path,
+    checkpoint: dict[str, str] | None = None,
+    trained: dict[str, str] | None = None,
+) -> list[Row]:
+    """The benchmark; ``trained`` maps a model spec to a run folder whose gates to time too."""
+    torch.set_num_threads(threads)
+    rows: list[Row] = []
+    patterns = {
+        "open": open_gates,
+        "skip30+half": lambda lc: force_pattern(lc, 0.3, 0.5),
+        "skip60+half": lambda lc: force_pattern(lc, 0.6, 0.5),
+    }
+    for spec in tqdm(models, desc="models"):
+        size = MODELS.get(spec, 224)
+        model = create_model(spec).eval()
+        if checkpoint and spec in checkpoint:
+            lcsurgery.load_weights(model, checkpoint[spec])
+        pats = dict(patterns)
+        if trained and spec in trained:
+            state = torch.load(Path(trained[spec]) / "model.pt", map_location="cpu", weights_only=True)
+            pats["trained"] = lambda lc, s=state: lc.load_state_dict(copy.deepcopy(s))
+        rows += bench_model(spec, model, size, batches, pats, rounds, warmup)
+        print(format_table([r for r in rows if r.model == spec]), flush=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "rounds": rounds,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

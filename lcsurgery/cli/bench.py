@@ -1,0 +1,44 @@
+"""Benchmarks that print tables and save JSON (not tests: numbers depend on the machine).
+
+  lcsurgery bench latency [--models cifar:resnet20 ...] [--batches 1 64] [--threads 1]
+  lcsurgery bench tradeoff --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lcsurgery.bench import latency, tradeoff
+from lcsurgery.cli import finetune
+from lcsurgery.train.loop import FinetuneConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = p.add_subparsers(dest="benchmark", required=True)
+    lat = sub.add_parser("latency", help="dense vs converted latency, interleaved in one process", description=latency.__doc__)
+    lat.add_argument("--models", nargs="+", default=list(latency.MODELS), help="model specs (CIFAR models run at 32x32, others at 224)")
+    lat.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    lat.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
+    lat.add_argument("--rounds", type=int, default=200, help="timed rounds per variant (each round runs every variant once)")
+    lat.add_argument("--warmup", type=int, default=10)
+    lat.add_argument("--checkpoint", nargs=2, action="append", metavar=("MODEL", "PATH"), help="weights for a model spec")
+    lat.add_argument("--trained", nargs=2, action="append", metavar=("MODEL", "RUN_DIR"), help="also time the trained gates of a finetune run")
+    lat.add_argument("--out", default="runs/bench/latency.json")
+    tr = sub.add_parser("tradeoff", help="dense fine-tune and LC-Net at several MAC budgets, both placements", description=tradeoff.__doc__)
+    finetune.add_arguments(tr, single_run=False)
+    tr.add_argument("--out", default="runs/tradeoff", help="one run folder per fine-tune, plus results.json/.md and tradeoff.png")
+    tr.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.benchmark == "tradeoff":
+        base = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and k != "out"})
+        tradeoff.run(base, args.budgets, Path(args.out))
+    if args.benchmark == "latency":
+        latency.run(
+            args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out),
+            checkpoint=dict(args.checkpoint or []), trained=dict(args.trained or []),
+        )  # fmt: skip
+    return 0

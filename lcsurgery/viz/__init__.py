@@ -1,0 +1,1 @@
+"""Figures (PNG, matplotlib): trade-offs, extreme images, channel heat maps, MAC histograms, skip rates."""

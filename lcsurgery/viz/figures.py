@@ -1,0 +1,159 @@
+"""Figures as PNG (matplotlib, no display needed): the paper's Fig. 5-7 and run diagnostics.
+
+- ``tradeoff_plot``: accuracy vs mean MACs per image across budgets, per placement, with the
+  dense point (paper Fig. 5).
+- ``extreme_images``: the test images needing the fewest and the most MACs (Fig. 6).
+- ``channel_heatmap``: per-class fraction of images activating each gated channel of the last
+  blocks (Fig. 7).
+- ``macs_histogram``: distribution of per-image MACs for both placements.
+- ``skip_rates``: per-block skip rate and active-channel fraction.
+- ``controller_plot``: the MAC fraction and penalty strength over training steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+PLACEMENT_STYLE = {"sequential": ("tab:blue", "o"), "parallel": ("tab:orange", "s")}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _millions(x: float) -> float:
+    return x / 1e6
+
+
+def tradeoff_plot(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Top-1 accuracy against mean MACs per image; one line per placement, the dense model as a star."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense = [r for r in rows if r["placement"] is None]
+    for placement, (color, marker) in PLACEMENT_STYLE.items():
+        pts = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["mean_macs"])
+        if not pts:
+            continue
+        xs = [_millions(r["mean_macs"]) for r in pts]
+        ys = [100 * r["val_accuracy"] for r in pts]
+        ax.plot(xs, ys, marker=marker, color=color, label=f"LC-Net, {placement}")
+        for r, x, y in zip(pts, xs, ys, strict=True):
+            ax.annotate(f"budget {r['budget']:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color=color)
+    for r in dense:
+        ax.plot(_millions(r["mean_macs"]), 100 * r["val_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="dense fine-tune")
+    ax.set_xlabel("mean MACs per image (millions)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "accuracy vs MACs", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    return _save(fig, path)
+
+
+def _show(img: Tensor) -> np.ndarray:
+    """A CHW image (uint8, or float in [0, 1]) as HWC for imshow."""
+    return (img if img.dtype == torch.uint8 else img.clamp(0, 1)).permute(1, 2, 0).cpu().numpy()
+
+
+def extreme_images(
+    images: Tensor, macs: Tensor, labels: Tensor, preds: Tensor, classes: list[str], path: Path, k: int = 8, dense: float | None = None
+) -> Path:
+    """Two rows: the ``k`` images needing the fewest MACs and the ``k`` needing the most."""
+    order = torch.argsort(macs.double(), stable=True)
+    picks = [("fewest MACs", order[:k]), ("most MACs", order.flip(0)[:k])]
+    fig, axes = plt.subplots(2, k, figsize=(1.55 * k, 4.2))
+    for row, (label, idx) in enumerate(picks):
+        for col, i in enumerate(idx.tolist()):
+            ax = axes[row, col]
+            ax.imshow(_show(images[i]), interpolation="nearest")
+            ok = preds[i] == labels[i]
+            share = f" ({100 * float(macs[i]) / dense:.0f}%)" if dense else ""
+            ax.set_title(f"{classes[int(labels[i])]}\n{_millions(float(macs[i])):.1f}M{share}", fontsize=7, color="black" if ok else "red")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(label, fontsize=9)
+    fig.suptitle("test images needing the fewest and the most MACs (true class; MACs per image; red: misclassified)", fontsize=9)
+    return _save(fig, path)
+
+
+def channel_heatmap(masks: dict[str, Tensor], labels: Tensor, classes: list[str], path: Path, blocks: int = 2) -> Path:
+    """Per class, the fraction of images that activate each gated channel of the last ``blocks`` blocks."""
+    names = list(masks)[-blocks:]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        m = masks[name].float()
+        per_class = torch.stack([m[labels == c].mean(0) if (labels == c).any() else torch.zeros(m.shape[1]) for c in range(len(classes))])
+        order = torch.argsort(m.mean(0), descending=True)
+        im = ax.imshow(per_class[:, order].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_xlabel("gated channel (sorted by overall activation)", fontsize=8)
+        ax.set_title(f"{name}: {m.shape[1]} channels", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="fraction of images active")
+    fig.suptitle("channel activation per class", fontsize=10)
+    return _save(fig, path)
+
+
+def macs_histogram(per_placement: dict[str, Tensor], dense: float, path: Path) -> Path:
+    """Histogram of MACs per image under each placement, with the dense model's cost marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    lo = min(float(v.min()) for v in per_placement.values())
+    bins = np.linspace(_millions(lo) * 0.95, _millions(dense) * 1.02, 40)
+    for placement, values in per_placement.items():
+        color, _ = PLACEMENT_STYLE[placement]
+        v = values.double().numpy() / 1e6
+        ax.hist(v, bins=bins, alpha=0.55, color=color, label=f"{placement} (mean {v.mean():.2f}M)")
+    ax.axvline(_millions(dense), color="black", linestyle="--", label=f"dense {_millions(dense):.2f}M")
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def skip_rates(by_block: dict, path: Path) -> Path:
+    """Per block: how often it is skipped, and the mean fraction of its channels active when it runs."""
+    names = list(by_block)
+    skip = [by_block[n].skip_rate for n in names]
+    active = [by_block[n].active_fraction for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(names)), 3.8))
+    ax.bar(x - 0.2, skip, width=0.4, label="skip rate (L-Net)", color="tab:red")
+    ax.bar(x + 0.2, [0 if np.isnan(a) else a for a in active], width=0.4, label="active channels when run (C-Net)", color="tab:green")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def controller_plot(steps_file: Path, path: Path, budget: float | None = None) -> Path:
+    """MAC fraction of training batches and the penalty strength over the steps of a run."""
+    rows = [json.loads(line) for line in Path(steps_file).read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, [r["mac_fraction"] for r in rows], color="tab:blue", label="MACs of training batches (fraction of dense)")
+    if budget is not None:
+        ax.axhline(budget, color="tab:blue", linestyle=":", label=f"budget {budget:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of dense MACs")
+    ax.set_ylim(0, 1.05)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["penalty_strength"] for r in rows], color="tab:gray", alpha=0.7, label="penalty strength")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("penalty strength")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left")
+    return _save(fig, path)
