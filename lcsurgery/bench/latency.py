@@ -66,12 +66,21 @@ def open_gates(lc: nn.Module) -> None:
         b.reset_gates()
 
 
-def _time(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Round-robin timing: each round runs every variant once, in a rotating order."""
+def _time(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, budget_s: float = 90.0) -> dict[str, list[float]]:
+    """Round-robin timing: each round runs every variant once, in a rotating order.
+
+    Rounds are capped (at 7 or more) so that one table cell takes about ``budget_s``: a
+    ResNet-50 at batch 64 on one thread takes seconds per call, a ResNet-20 at batch 1 a millisecond.
+    """
     names = list(fns)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    for n in names:
+        fns[n]()
+    per_round = time.perf_counter() - t0
+    for _ in range(min(warmup - 1, int(0.2 * budget_s / per_round))):
         for n in names:
             fns[n]()
+    rounds = max(min(rounds, int(budget_s / per_round)), 7)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:

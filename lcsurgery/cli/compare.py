@@ -14,12 +14,17 @@ from pathlib import Path
 from lcsurgery.bench.compare import compare
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of commands that evaluate a finished run folder."""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("run", help="a lcsurgery finetune run folder (with model.pt)")
-    p.add_argument("--dense-run", help="a dense fine-tune run folder for the dense row (default: the run's starting weights)")
     p.add_argument("--data", help="test data (default: the run's)")
     p.add_argument("--test-subset", type=int, default=2000, help="test images to evaluate (class-balanced); 0 for all")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p)
+    p.add_argument("--dense-run", help="a dense fine-tune run folder for the dense row (default: the run's starting weights)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=100, help="timed rounds at batch 1 (a fifth of that at larger batches)")

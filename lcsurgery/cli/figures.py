@@ -14,16 +14,14 @@ import torch
 
 import lcsurgery
 from lcsurgery.bench.compare import load_run
+from lcsurgery.cli.compare import add_run_arguments
 from lcsurgery.data.loaders import make_loaders, normalization
 from lcsurgery.viz import figures
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("run", help="a lcsurgery finetune run folder (with model.pt)")
+    add_run_arguments(p)
     p.add_argument("--tradeoff", help="a lcsurgery bench tradeoff folder (results.json) for the trade-off plot")
-    p.add_argument("--data", help="test data (default: the run's)")
-    p.add_argument("--test-subset", type=int, default=2000, help="test images to use (class-balanced); 0 for all")
     p.add_argument("--out", help="folder for the PNGs (default: <run>/figures)")
 
 

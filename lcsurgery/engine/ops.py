@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from lcsurgery.fx.ops import STOCHASTIC_DEPTH_TYPES, is_per_channel
+
 
 class ConvOp:
     """Conv2d or Linear with an optional per-output-channel affine (folded BatchNorm)."""
@@ -119,33 +121,11 @@ def _is_eval_bn(m: nn.Module) -> bool:
     return "FrozenBatchNorm" in type(m).__name__ and hasattr(m, "running_mean")
 
 
-_IDENTITY_IN_EVAL: tuple[type, ...] = (nn.Identity, nn.modules.dropout._DropoutNd)
-
-
-def _identity_types() -> tuple[type, ...]:
-    types: list[type] = list(_IDENTITY_IN_EVAL)
-    try:
-        from torchvision.ops import StochasticDepth
-
-        types.append(StochasticDepth)
-    except ImportError:  # torchvision is optional
-        pass
-    try:
-        import timm.layers as tl
-
-        types += [tl.DropPath, tl.DropBlock2d]
-    except ImportError:  # timm is optional
-        pass
-    return tuple(types)
-
-
-IDENTITY_TYPES = _identity_types()
+IDENTITY_TYPES: tuple[type, ...] = (nn.Identity, nn.modules.dropout._DropoutNd, *STOCHASTIC_DEPTH_TYPES)  # identity in eval
 
 
 def lower_node(node: fx.Node, root: nn.Module, channel_dim: int) -> list[Op] | None:
     """Eval-time ops equivalent to one single-input node, or None if not recognised."""
-    from lcsurgery.fx.ops import is_per_channel
-
     if node.op == "call_module":
         m = root.get_submodule(node.target)
         if isinstance(m, IDENTITY_TYPES):

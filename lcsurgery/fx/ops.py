@@ -36,7 +36,8 @@ _OTHER_ELEMENTWISE_METHODS = {"sigmoid", "sigmoid_"}
 _MUL = {operator.mul, torch.mul, "mul", "mul_"}
 
 
-def _extra_zero_preserving_types() -> tuple[type, ...]:
+def _stochastic_depth_types() -> tuple[type, ...]:
+    """Per-sample drop modules: identity in eval, zero-preserving in training."""
     types: list[type] = []
     try:
         from torchvision.ops import StochasticDepth
@@ -53,7 +54,7 @@ def _extra_zero_preserving_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-_EXTRA_ZERO_PRESERVING = _extra_zero_preserving_types()
+STOCHASTIC_DEPTH_TYPES = _stochastic_depth_types()
 
 
 def _is_timm_activation(m: nn.Module) -> bool:
@@ -84,7 +85,7 @@ def is_depthwise(m: nn.Module) -> bool:
 
 
 def _is_zero_preserving_module(m: nn.Module) -> bool:
-    if isinstance(m, _ZERO_PRESERVING_ACT_MODULES + _EXTRA_ZERO_PRESERVING):
+    if isinstance(m, _ZERO_PRESERVING_ACT_MODULES + STOCHASTIC_DEPTH_TYPES):
         if isinstance(m, nn.Hardtanh) and not (m.min_val <= 0 <= m.max_val):
             return False
         return True
