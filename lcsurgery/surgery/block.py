@@ -143,7 +143,7 @@ class GatedBlock(nn.Module):
 
     def masked_forward(self, x: Tensor) -> Tensor:
         """Compute every op and scale by the gates (differentiable; the reference semantics)."""
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)  # fvcore counts this op (gate costs under counting="fvcore")
         z_l, z_c = self.gate_logits(pooled)
         if self.training and self.noise > 0:
             z_l, z_c = (None if z is None else z + self.noise * _logistic_like(z) for z in (z_l, z_c))
