@@ -20,7 +20,7 @@ from lcsurgery.cli import main
 from lcsurgery.models.cifar_resnet import resnet56
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.budget import BudgetController
-from lcsurgery.train.loop import FinetuneConfig, finetune
+from lcsurgery.train.loop import FinetuneConfig, finetune, make_optimizer
 from lcsurgery.train.optim import param_groups
 from lcsurgery.layers.relu1 import leaky_relu1
 from lcsurgery.train.regularize import gate_l1, macs_penalty
@@ -220,3 +220,21 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert set(a) == set(b)
     worst = max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-8)) for k in a)
     assert worst < 1e-4
+
+
+def test_wide_gates_move_at_a_narrow_gates_pace():
+    """One Adam step moves a gate logit by about lr x (width-scaled) L1 norm of its input: equal across widths."""
+    lc = lcsurgery.convert(original("tv.resnet50"), "sequential", input_size=(3, 64, 64)).train()
+    opt = make_optimizer(lc, FinetuneConfig(model="tv", gate_lr=0.01), steps=100)
+    x = example("tv.resnet50")
+    lc(x)
+    pooled = {b.name: b.last.pooled.clone() for b in lcsurgery.gated_blocks(lc)}
+    before = {b.name: b.gate_logits(pooled[b.name])[0].detach().clone() for b in lcsurgery.gated_blocks(lc)}
+    opt.zero_grad()
+    macs_penalty(lc).backward()
+    opt.step()
+    moves = {}
+    for b in lcsurgery.gated_blocks(lc):
+        z = b.gate_logits(pooled[b.name])[0].detach()
+        moves[b.name] = float((before[b.name] - z).abs().mean()) / (0.01 * (1 + 64 * float(pooled[b.name].abs().mean())))
+    assert max(moves.values()) < 1.5  # unscaled, the 2048-wide gates would move ~32x further
