@@ -99,7 +99,7 @@ def channel_heatmap(masks: dict[str, Tensor], labels: Tensor, classes: list[str]
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("gated channel (sorted by overall activation)", fontsize=8)
         ax.set_title(f"{name}: {m.shape[1]} channels", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="fraction of images active")
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03, pad=0.02, label="fraction of the class's images with the channel active")
     fig.suptitle("channel activation per class", fontsize=10)
     return _save(fig, path)
 
@@ -131,9 +131,9 @@ def skip_rates(by_block: dict, path: Path) -> Path:
     ax.bar(x - 0.2, skip, width=0.4, label="skip rate (L-Net)", color="tab:red")
     ax.bar(x + 0.2, [0 if np.isnan(a) else a for a in active], width=0.4, label="active channels when run (C-Net)", color="tab:green")
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel("fraction")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -151,8 +151,8 @@ def controller_plot(steps_file: Path, path: Path, budget: float | None = None) -
     ax.set_ylim(0, 1.05)
     ax2 = ax.twinx()
     ax2.plot(steps, [r["penalty_strength"] for r in rows], color="tab:gray", alpha=0.7, label="penalty strength")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("penalty strength")
+    ax2.set_yscale("symlog", linthresh=1e-2)  # negative after the ramp: paying closed gates to reopen
+    ax2.set_ylabel("penalty strength (symlog)")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left")
