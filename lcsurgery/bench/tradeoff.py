@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from lcsurgery.errors import LCSurgeryError
 from lcsurgery.train.loop import FinetuneConfig, finetune
 
 
@@ -24,11 +25,14 @@ def _runs(base: FinetuneConfig, budgets: list[float], out: Path) -> list[tuple[s
     return runs
 
 
-def run(base: FinetuneConfig, budgets: list[float], out: Path) -> list[dict]:
-    """Run (or reuse) every fine-tune, then tabulate and plot."""
+def run(base: FinetuneConfig, budgets: list[float], out: Path, train: bool = True) -> list[dict]:
+    """Run (or reuse) every fine-tune, then tabulate and plot; ``train=False`` reports the finished runs only."""
     rows = []
     for name, cfg in _runs(base, budgets, out):
         metrics_file = Path(cfg.out) / "metrics.json"
+        if not metrics_file.exists() and not train:
+            print(f"== {name}: not finished, left out of the report")
+            continue
         if not metrics_file.exists():
             print(f"== {name}: training ({cfg.epochs} epochs)")
             finetune(dataclasses.replace(cfg, resume=(Path(cfg.out) / "last.pt").exists(), force=not (Path(cfg.out) / "last.pt").exists()))
@@ -38,7 +42,9 @@ def run(base: FinetuneConfig, budgets: list[float], out: Path) -> list[dict]:
             "val_accuracy": m["val_accuracy"], "mean_macs": m["mean_macs"], "dense_macs": m["dense_macs"],
             "mac_fraction": m["mean_macs"] / m["dense_macs"], "macs_by_placement": m.get("mean_macs_by_placement"),
         })  # fmt: skip
-    dense = next(r for r in rows if r["run"] == "dense")
+    dense = next((r for r in rows if r["run"] == "dense"), None)
+    if dense is None:
+        raise LCSurgeryError(f"no finished dense run in {out}: the table compares against it")
     for r in rows:
         r["accuracy_change_points"] = 100 * (r["val_accuracy"] - dense["val_accuracy"])
         r["within_5pct_of_budget"] = None if r["budget"] is None else abs(r["mac_fraction"] - r["budget"]) <= 0.05 * r["budget"]
@@ -55,13 +61,15 @@ def run(base: FinetuneConfig, budgets: list[float], out: Path) -> list[dict]:
 
 def format_table(rows: list[dict], base: FinetuneConfig) -> str:
     lines = [
-        "| run | placement | MAC budget | top-1 accuracy | vs dense | mean MACs / image | fraction of dense |",
-        "|---|---|---|---|---|---|---|",
+        "| run | placement | MAC budget | top-1 accuracy | vs dense (points) | mean MACs / image | fraction of dense | same gates, other schedule |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:.2f}"
+        other = {k: v for k, v in (r.get("macs_by_placement") or {}).items() if k != r["placement"]}
+        other_cell = ", ".join(f"{k} {v / 1e6:.2f}M ({v / r['dense_macs']:.3f})" for k, v in other.items()) or "-"
         lines.append(
             f"| {r['run']} | {r['placement'] or 'dense'} | {budget} | {100 * r['val_accuracy']:.2f}% | "
-            f"{r['accuracy_change_points']:+.2f} | {r['mean_macs'] / 1e6:.2f}M | {r['mac_fraction']:.3f} |"
+            f"{r['accuracy_change_points']:+.2f} | {r['mean_macs'] / 1e6:.2f}M | {r['mac_fraction']:.3f} | {other_cell} |"
         )
     return "\n".join(lines)

@@ -30,12 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     finetune.add_arguments(tr, single_run=False)
     tr.add_argument("--out", default="runs/tradeoff", help="one run folder per fine-tune, plus results.json/.md and tradeoff.png")
     tr.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35])
+    tr.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs, train nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "tradeoff":
         base = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and k != "out"})
-        tradeoff.run(base, args.budgets, Path(args.out))
+        tradeoff.run(base, args.budgets, Path(args.out), train=not args.report_only)
     if args.benchmark == "latency":
         latency.run(
             args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out),

@@ -51,6 +51,12 @@ def tradeoff_plot(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.plot(xs, ys, marker=marker, color=color, label=f"LC-Net, {placement}")
         for r, x, y in zip(pts, xs, ys, strict=True):
             ax.annotate(f"budget {r['budget']:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color=color)
+    same_gates = [r for r in rows if r["placement"] == "sequential" and (r.get("macs_by_placement") or {}).get("parallel")]
+    if same_gates and not any(r["placement"] == "parallel" for r in rows):
+        pts = sorted(same_gates, key=lambda r: r["macs_by_placement"]["parallel"])
+        color, marker = PLACEMENT_STYLE["parallel"]
+        xs = [_millions(r["macs_by_placement"]["parallel"]) for r in pts]
+        ax.plot(xs, [100 * r["val_accuracy"] for r in pts], marker=marker, color=color, linestyle="--", fillstyle="none", label="same gates, parallel schedule")
     for r in dense:
         ax.plot(_millions(r["mean_macs"]), 100 * r["val_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="dense fine-tune")
     ax.set_xlabel("mean MACs per image (millions)")
