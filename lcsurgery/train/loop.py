@@ -274,7 +274,10 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
     if cfg.resume:
         state = torch.load(out / "last.pt", map_location=d.device, weights_only=True)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # e.g. parameter groups laid out by another lcsurgery version
+            raise LCSurgeryError(f"cannot resume {out}: its optimiser state does not fit this optimiser ({exc}); start again with --force") from exc
         sched.load_state_dict(state["scheduler"])
         if controller is not None:
             controller.load_state_dict(state["controller"])
