@@ -20,7 +20,9 @@ from lcsurgery.cli import main
 from lcsurgery.models.cifar_resnet import resnet56
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.budget import BudgetController
-from lcsurgery.train.loop import FinetuneConfig, finetune, make_optimizer
+from lcsurgery.data.loaders import make_loaders, normalization
+from lcsurgery.data.sources import load_arrays
+from lcsurgery.train.loop import FinetuneConfig, _cost_gap, finetune, make_optimizer, make_scheduler
 from lcsurgery.train.optim import param_groups
 from lcsurgery.layers.relu1 import leaky_relu1
 from lcsurgery.train.regularize import gate_l1, macs_penalty
@@ -109,7 +111,7 @@ class TestBudgetController:
     def test_calibration_shifts_the_training_target(self):
         c = BudgetController(0.5, ramp=0.0, smoothing=0.0)
         c.update(0.48, 0.1)
-        c.calibrate(0.53)  # eval costs 0.05 more than the training batches
+        c.calibrate(0.53, 0.48)  # eval costs 0.05 more than the training batches
         assert c.train_target == pytest.approx(0.45)
 
     def test_state_roundtrip(self):
@@ -173,6 +175,7 @@ def test_run_writes_logs_checkpoint_and_metrics(tmp_path):
     assert [r["epoch"] for r in log] == [1, 2]
     assert set(log[0]["mean_macs_by_placement"]) == {"parallel", "sequential"} and "skip_rates" in log[0]
     assert (out / "steps.jsonl").exists()
+    assert all(0 < r["mac_fraction_train_images"][k] <= 1.01 for r in log for k in ("eval", "training"))  # the controller's gap
     lc = lcsurgery.convert(create_model(TINY), "sequential")
     lc.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # weights only, no pickled code
     state = torch.load(out / "last.pt", weights_only=True)
@@ -238,3 +241,47 @@ def test_wide_gates_move_at_a_narrow_gates_pace():
         z = b.gate_logits(pooled[b.name])[0].detach()
         moves[b.name] = float((before[b.name] - z).abs().mean()) / (0.01 * (1 + 64 * float(pooled[b.name].abs().mean())))
     assert max(moves.values()) < 1.5  # unscaled, the 2048-wide gates would move ~32x further
+
+
+def test_backbone_rate_decays_and_gate_rate_holds():
+    """The gates keep their rate to the last step so the budget controller can still move them."""
+    lc = lcsurgery.convert(original("cifar.resnet20"), "sequential")
+    opt = make_optimizer(lc, FinetuneConfig(model="cifar:resnet20", lr=0.1, gate_lr=0.01), steps=100)
+    sched = make_scheduler(opt, 100)
+    rates = {}
+    for step in range(100):
+        if step in (0, 50):
+            rates[step] = {g["name"]: g["lr"] for g in opt.param_groups}
+        opt.step()
+        sched.step()
+    rates[100] = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert [r["backbone"] for r in rates.values()] == pytest.approx([0.1, 0.05, 0.0], abs=1e-12)
+    gate_rates = [g["lr"] for g in opt.param_groups if g["name"] == "gates"]
+    assert len(gate_rates) == 2 * len(lcsurgery.gated_blocks(lc)) * 2  # weight and bias of both gate layers
+    assert all(r == pytest.approx(0.01) for r in gate_rates)
+
+
+def test_calibration_images_are_training_images_without_augmentation():
+    model = original("cifar.resnet20")
+    loaders = make_loaders("synthetic:400", model, 40, test_subset=100)
+    mean, std = normalization(model)
+    train = load_arrays("synthetic:400", "train")
+    plain = (train.images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x, y = next(iter(loaders.calibration))
+    match = (x.flatten(1)[:, None] - plain.flatten(1)[None]).abs().amax(-1) < 1e-5  # [batch, train]
+    assert match.sum(1).tolist() == [1] * len(x)  # each image is one training image, untouched
+    assert torch.equal(train.labels[match.float().argmax(1)], y)
+    augmented, _ = next(iter(loaders.train))
+    assert ((augmented.flatten(1)[:, None] - plain.flatten(1)[None]).abs().amax(-1) < 1e-5).any(1).float().mean() < 1
+
+
+def test_cost_gap_measures_both_modes_and_leaves_batchnorm_untouched():
+    lc = lcsurgery.convert(original("cifar.resnet20"), "sequential")
+    randomize_gates(lc, seed=0)
+    loaders = make_loaders("synthetic:400", lc, 40, test_subset=100)
+    before = {k: v.clone() for k, v in lc.state_dict().items()}
+    eval_fraction, train_fraction = _cost_gap(lc, loaders, "sequential")
+    assert all(torch.equal(before[k], v) for k, v in lc.state_dict().items())  # running stats included
+    plain = torch.cat([x for x, _ in loaders.calibration])
+    assert eval_fraction == pytest.approx(lcsurgery.count_macs(lc.eval(), plain, progress=False).ratio)
+    assert 0 < train_fraction < 1 and train_fraction != eval_fraction

@@ -47,8 +47,9 @@ class ArrayLoader:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        augment: bool = True,
     ) -> None:
-        self.data, self.batch_size, self.train = data, batch_size, train
+        self.data, self.batch_size, self.train, self.augment = data, batch_size, train, augment
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
         self.size, self.seed, self.rank, self.world = size, seed, rank, world
@@ -66,7 +67,7 @@ class ArrayLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for b, aug in self._batches():
             x = self.data.images[b]
-            if aug is not None:
+            if aug is not None and self.augment:
                 x = _augment(x, *aug)
             x = (x.float() - self.mean) / self.std
             if self.size is not None and x.shape[-1] != self.size:
@@ -114,11 +115,16 @@ def _augment(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> T
 
 @dataclass
 class Loaders:
-    """Train and test loaders for one dataset spec, with the class names."""
+    """Train and test loaders for one dataset spec, with the class names.
+
+    ``calibration`` yields shuffled training images with the test transform: what eval-mode cost
+    looks like on data the model trained on (augmentation such as zero-padded crops changes it).
+    """
 
     train: ArrayLoader | torch.utils.data.DataLoader
     test: ArrayLoader | torch.utils.data.DataLoader
     classes: list[str]
+    calibration: ArrayLoader | torch.utils.data.DataLoader
 
 
 def make_loaders(
@@ -146,7 +152,12 @@ def make_loaders(
     train = load_arrays(spec, "train").subset(train_subset)
     test = load_arrays(spec, "test").subset(test_subset)
     common = dict(mean=mean, std=std, size=size, seed=seed, rank=rank, world=world)
-    return Loaders(ArrayLoader(train, batch_size, train=True, **common), ArrayLoader(test, batch_size, train=False, **common), train.classes)
+    return Loaders(
+        ArrayLoader(train, batch_size, train=True, **common),
+        ArrayLoader(test, batch_size, train=False, **common),
+        train.classes,
+        ArrayLoader(train, batch_size, train=True, augment=False, **{**common, "rank": 0, "world": 1}),
+    )
 
 
 def _model_size(model: nn.Module) -> int:
@@ -166,10 +177,12 @@ def _image_folder_loaders(root: Path, batch_size: int, mean, std, size: int, ran
 
     norm = T.Normalize(mean, std)
     train = ImageFolder(_tree_split(root, "train"), T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-    test = ImageFolder(_tree_split(root, "test"), T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm]))
+    plain = T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])
+    test = ImageFolder(_tree_split(root, "test"), plain)
     sampler = DistributedSampler(train, world, rank) if world > 1 else None
     return Loaders(
         DataLoader(train, batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers, drop_last=True),
         DataLoader(test, batch_size, sampler=DistributedSampler(test, world, rank, shuffle=False) if world > 1 else None, num_workers=workers),
         train.classes,
+        DataLoader(ImageFolder(_tree_split(root, "train"), plain), batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), num_workers=workers),
     )
