@@ -8,6 +8,7 @@ sees exactly the batches it would have seen; with ``world > 1`` each rank takes 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,10 +180,12 @@ def _image_folder_loaders(root: Path, batch_size: int, mean, std, size: int, ran
     train = ImageFolder(_tree_split(root, "train"), T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
     plain = T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])
     test = ImageFolder(_tree_split(root, "test"), plain)
+    calibration = copy.copy(train)  # the same file list (no second scan of the tree), the test transform
+    calibration.transform = plain
     sampler = DistributedSampler(train, world, rank) if world > 1 else None
     return Loaders(
         DataLoader(train, batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers, drop_last=True),
         DataLoader(test, batch_size, sampler=DistributedSampler(test, world, rank, shuffle=False) if world > 1 else None, num_workers=workers),
         train.classes,
-        DataLoader(ImageFolder(_tree_split(root, "train"), plain), batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), num_workers=workers),
+        DataLoader(calibration, batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), num_workers=workers),
     )
