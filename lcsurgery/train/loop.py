@@ -37,7 +37,7 @@ from lcsurgery.train.regularize import gate_l1, macs_penalty
 
 RUN_FILES = ("config.json", "log.jsonl", "steps.jsonl", "last.pt", "model.pt", "metrics.json")
 STEP_LOG_EVERY = 10
-CALIBRATION_IMAGES = 1024  # un-augmented training images the budget controller's eval-mode check measures
+CALIBRATION_IMAGES = 1024  # training images per side of the budget controller's eval/training cost gap
 _NOT_IDENTITY = {"out", "resume", "force", "workers"}  # may change between a run and its resumption
 
 
