@@ -19,10 +19,11 @@ import lcsurgery
 from lcsurgery.cli import main
 from lcsurgery.models.cifar_resnet import resnet56
 from lcsurgery.models.factory import create_model
+from lcsurgery.bench.tradeoff import _runs as _tradeoff_runs
 from lcsurgery.train.budget import BudgetController
 from lcsurgery.data.loaders import make_loaders, normalization
 from lcsurgery.data.sources import load_arrays
-from lcsurgery.train.loop import FinetuneConfig, _cost_gap, finetune, make_optimizer, make_scheduler
+from lcsurgery.train.loop import FinetuneConfig, _cost_gap, build_model, build_teacher, distill_loss, finetune, make_optimizer, make_scheduler
 from lcsurgery.train.optim import param_groups
 from lcsurgery.layers.relu1 import leaky_relu1
 from lcsurgery.train.regularize import gate_l1, macs_penalty
@@ -150,6 +151,21 @@ class TestCliErrors:
     def test_budget_outside_unit_interval(self, capsys, tmp_path, budget):
         err = self._err(capsys, ["--model", TINY, "--budget", budget, *FAST, "--out", str(tmp_path / "a")])
         assert "must be in (0, 1]" in err
+
+    @pytest.mark.parametrize("ramp", ["0", "1.5"])
+    def test_budget_ramp_outside_unit_interval(self, capsys, tmp_path, ramp):
+        assert "--budget-ramp is a share of training in (0, 1)" in self._err(capsys, ["--model", TINY, *FAST, "--budget", "0.5", "--budget-ramp", ramp, "--out", str(tmp_path / "a")])
+
+    def test_teacher_errors(self, capsys, tmp_path):
+        assert "needs starting weights" in self._err(capsys, ["--model", TINY, *FAST, "--teacher", "start", "--out", str(tmp_path / "a")])
+        err = self._err(capsys, ["--model", TINY, *FAST, "--teacher", str(tmp_path / "no-run"), "--out", str(tmp_path / "b")])
+        assert f"no weights at {tmp_path / 'no-run'}" in err
+        assert "drop --dense or --teacher" in self._err(capsys, ["--model", TINY, *FAST, "--dense", "--teacher", "start", "--out", str(tmp_path / "c")])
+        ckpt = tmp_path / "r56.pt"
+        torch.save(resnet56().state_dict(), ckpt)
+        err = self._err(capsys, ["--model", "cifar:resnet20", *FAST, "--teacher", str(ckpt), "--out", str(tmp_path / "d")])
+        assert "checkpoint does not fit" in err
+        assert not any(tmp_path.joinpath(n).exists() for n in "abcd")  # a bad start leaves --out alone
 
     def test_out_is_not_overwritten_without_force_and_resume_checks_the_config(self, capsys, tmp_path):
         out = str(tmp_path / "run")
@@ -285,3 +301,38 @@ def test_cost_gap_measures_both_modes_and_leaves_batchnorm_untouched():
     plain = torch.cat([x for x, _ in loaders.calibration])
     assert eval_fraction == pytest.approx(lcsurgery.count_macs(lc.eval(), plain, progress=False).ratio)
     assert 0 < train_fraction < 1 and train_fraction != eval_fraction
+
+
+class TestDistillation:
+    def test_distill_loss_is_the_tempered_kl_scaled_by_t_squared(self):
+        torch.manual_seed(0)
+        s, t = torch.randn(6, 10), torch.randn(6, 10)
+        p = torch.softmax(t / 4, 1)
+        expected = (p * (p.log() - torch.log_softmax(s / 4, 1))).sum(1).mean() * 16
+        assert distill_loss(s, t, 4.0) == pytest.approx(float(expected), rel=1e-5)
+        assert distill_loss(t, t, 4.0) == pytest.approx(0.0, abs=1e-6)
+
+    def test_start_teacher_is_the_starting_model_frozen(self, tmp_path):
+        ckpt = tmp_path / "start.pt"
+        torch.manual_seed(1)
+        torch.save(create_model(TINY).state_dict(), ckpt)
+        cfg = FinetuneConfig(model=TINY, checkpoint=str(ckpt), teacher="start")
+        teacher, student = build_teacher(cfg, 10), build_model(cfg, 10).eval()
+        x = torch.randn(4, 3, 32, 32)
+        assert torch.allclose(teacher(x), student(x), atol=1e-5)  # gates start open: same function
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+    def test_tradeoff_gated_runs_distil_from_its_dense_run(self, tmp_path):
+        runs = dict(_tradeoff_runs(FinetuneConfig(model=TINY, teacher="dense"), [0.5], tmp_path))
+        assert runs["dense"].teacher is None and runs["dense"].dense
+        assert {n: r.teacher for n, r in runs.items() if n != "dense"} == {n: str(tmp_path / "dense") for n in ("sequential-50", "parallel-50")}
+
+    def test_weight_zero_is_plain_training_and_a_teacher_changes_the_result(self, tmp_path):
+        common = dict(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=1, seed=2)
+        finetune(FinetuneConfig(**common, dense=True, out=str(tmp_path / "dense")))
+        common["budget"] = 0.7
+        for name, extra in (("plain", {}), ("w0", {"teacher": str(tmp_path / "dense"), "distill_weight": 0.0}), ("w9", {"teacher": str(tmp_path / "dense")})):
+            finetune(FinetuneConfig(**common, **extra, out=str(tmp_path / name)))
+        plain, w0, w9 = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("plain", "w0", "w9"))
+        assert all(torch.equal(plain[k], w0[k]) for k in plain)
+        assert any(not torch.allclose(plain[k], w9[k]) for k in plain if plain[k].is_floating_point())

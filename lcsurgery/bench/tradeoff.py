@@ -2,7 +2,8 @@
 
 Every run is an ordinary ``lcsurgery finetune`` run folder under ``--out``; finished runs
 (``metrics.json`` present) are reused and interrupted ones resumed, so the benchmark can be
-stopped and restarted. All runs use the same data, epochs and seed. Writes ``results.json``,
+stopped and restarted. All runs use the same data, epochs and seed. With ``--teacher dense``
+the gated runs distil from the dense run (trained first). Writes ``results.json``,
 ``results.md`` (the table) and ``tradeoff.png``.
 """
 
@@ -17,7 +18,11 @@ from lcsurgery.train.loop import FinetuneConfig, finetune
 
 
 def _runs(base: FinetuneConfig, budgets: list[float], out: Path) -> list[tuple[str, FinetuneConfig]]:
-    runs = [("dense", dataclasses.replace(base, dense=True, budget=None, out=str(out / "dense")))]
+    """The dense run first (never distilled), then one gated run per placement and budget;
+    ``teacher="dense"`` makes the gated runs distil from the benchmark's own dense run."""
+    runs = [("dense", dataclasses.replace(base, dense=True, budget=None, teacher=None, out=str(out / "dense")))]
+    if base.teacher == "dense":
+        base = dataclasses.replace(base, teacher=str(out / "dense"))
     for placement in ("sequential", "parallel"):
         for b in budgets:
             name = f"{placement}-{round(100 * b)}"

@@ -52,6 +52,7 @@ class FinetuneConfig:
     dense: bool = False  # fine-tune the original model, no gates (the baseline)
     l1: float = 0.0  # penalty strength; with a budget, its initial value
     budget: float | None = None  # target fraction of dense MACs, adapts the penalty
+    budget_ramp: float = 0.5  # share of training over which the MAC target falls from dense to the budget
     penalty: str = "macs"  # "macs": macs_penalty (hard cost, surrogate gradient); "l1": gate_l1 (the paper's)
     cost_aware: bool = True
     epochs: int = 5
@@ -63,6 +64,9 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     slope: float = 0.05
     gate_noise: float = 0.2  # logistic noise on gate logits in training (see GatedBlock.noise)
+    teacher: str | None = None  # distil from this dense model: "start" (the starting weights) or a weights file / run folder
+    distill_weight: float = 0.9  # share of the distillation term in the loss, the rest is cross-entropy
+    distill_temperature: float = 4.0
     size: int | None = None
     checkpoint: str | None = None
     pretrained: bool = False
@@ -79,6 +83,12 @@ class FinetuneConfig:
             raise LCSurgeryError(f"--budget is a fraction of the dense model's MACs and must be in (0, 1], got {self.budget}")
         if self.dense and (self.budget is not None or self.l1):
             raise LCSurgeryError("--dense fine-tunes the original model without gates: drop --budget and --l1")
+        if self.teacher is not None and self.dense:
+            raise LCSurgeryError("--teacher distils into a gated model: drop --dense or --teacher")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
+            raise LCSurgeryError(f"--distill-weight must be in [0, 1] and --distill-temperature positive, got {self.distill_weight} and {self.distill_temperature}")
+        if not 0.0 < self.budget_ramp < 1.0:
+            raise LCSurgeryError(f"--budget-ramp is a share of training in (0, 1), got {self.budget_ramp}")
         if self.epochs < 1 or self.batch_size < 1:
             raise LCSurgeryError("--epochs and --batch-size must be positive")
 
@@ -126,15 +136,48 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def auto_gate_lr(steps: int) -> float:
+def build_teacher(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    """The frozen dense model to distil from, in eval mode.
+
+    ``"start"`` is the original model with the weights the run starts from (``--checkpoint``
+    or ``--pretrained``): the gated model learns to keep what it had. A path names a weights
+    file, or a run folder (its ``model.pt``), of a dense model of the same ``--model`` spec,
+    such as the dense fine-tune of a trade-off benchmark.
+    """
+    model = create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained and cfg.teacher == "start")
+    source = cfg.checkpoint if cfg.teacher == "start" else cfg.teacher
+    if source is not None:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "model.pt"
+        if not path.is_file():
+            raise LCSurgeryError(f"--teacher {cfg.teacher}: no weights at {path} (give a weights file, a finished run folder, or 'start')")
+        result = load_weights(model, path, reinit_head=cfg.teacher == "start")
+        if result.reinitialised:
+            raise LCSurgeryError(f"--teacher {cfg.teacher}: its classifier does not fit {num_classes} classes; distil from a model trained on this data")
+    elif not cfg.pretrained:
+        raise LCSurgeryError("--teacher start needs starting weights (--checkpoint or --pretrained): a random teacher teaches nothing")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation term: KL(teacher || student) at a temperature, scaled by its square
+    so that its gradients keep their size as the temperature changes."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True) * t * t
+
+
+def auto_gate_lr(steps: int, ramp: float = 0.5) -> float:
     """Default gate learning rate: 3e-3, raised for short runs so gates can reach their decisions.
 
     Adam moves a gate logit by about one learning rate per step whatever the penalty strength,
     and gates start one unit above the decision boundary. The MAC target ramps down over the
-    first half of training while the cosine schedule averages ~0.8 of its peak there, so a
-    gate can travel about ``0.4 * steps * lr`` in that time: 4 / steps allows ~1.6 units.
+    first ``ramp`` of training (the gate rate does not decay), so a gate can travel about
+    ``ramp * steps * lr`` in that time: ``2 / (ramp * steps)`` allows two units.
     """
-    return max(3e-3, 4.0 / max(steps, 1))
+    return max(3e-3, 2.0 / max(ramp * steps, 1))
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig, steps: int) -> torch.optim.Optimizer:
@@ -146,7 +189,7 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig, steps: int) -> torch.o
     """
     if cfg.dense:
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    gate_lr = cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(steps)
+    gate_lr = cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(steps, cfg.budget_ramp)
     backbone, gates = param_groups(model, cfg.lr, gate_lr, cfg.weight_decay)
     if cfg.gate_optimizer == "sgd":
         return torch.optim.SGD([backbone, gates], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -311,10 +354,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
-    out = _prepare_out(cfg) if d.main else Path(cfg.out)
-    d.barrier()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, len(dataset_classes(cfg.data))).to(d.device)
+    with torch.random.fork_rng(devices=[]):  # the teacher's throwaway initialisation leaves the run's random stream alone
+        teacher = build_teacher(cfg, len(dataset_classes(cfg.data))).to(d.device) if cfg.teacher else None
+    out = _prepare_out(cfg) if d.main else Path(cfg.out)  # after the model and teacher load: a bad checkpoint leaves --out untouched
+    d.barrier()
     loaders = make_loaders(
         cfg.data, model, cfg.batch_size, size=cfg.size, seed=cfg.seed, rank=d.rank, world=d.world,
         train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=cfg.workers,
@@ -324,7 +369,7 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
     steps = cfg.epochs * len(loaders.train)
     opt = make_optimizer(model, cfg, steps)
     sched = make_scheduler(opt, steps)
-    controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0) if cfg.budget is not None else None
+    controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0, ramp=cfg.budget_ramp) if cfg.budget is not None else None
     start = 0
     if cfg.resume:
         state = torch.load(out / "last.pt", map_location=d.device, weights_only=True)
@@ -352,11 +397,16 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
         bar = tqdm(loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not d.main, dynamic_ncols=True)
         for x, y in bar:
             if lc is not None:
-                _set_noise(lc, cfg.gate_noise * noise_factor(sched.last_epoch / steps))
+                _set_noise(lc, cfg.gate_noise * noise_factor(sched.last_epoch / steps, cfg.budget_ramp))
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             with torch.autocast(d.device.type, dtype=amp_dtype, enabled=cfg.amp):
                 logits = train_model(x)
                 loss = F.cross_entropy(logits, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    w = cfg.distill_weight
+                    loss = (1 - w) * loss + w * distill_loss(logits.float(), teacher_logits.float(), cfg.distill_temperature)
             info = {}
             if lc is not None:
                 frac = d.mean(float(lcsurgery.last_macs(lc).double().mean()) / lcsurgery.static_costs(lc, tuple(x.shape[1:])).dense)
