@@ -39,6 +39,22 @@ def test_skipping_equals_masked_execution(name, placement):
     assert 0 < int(keep.sum()) < keep.numel()  # some blocks ran, some were skipped
 
 
+@pytest.mark.parametrize("name", ["cifar.resnet20", "tv.convnext_tiny"])
+def test_gate_state_after_skipping_equals_the_masked_one(name):
+    """``block.last`` (what MAC counting reads) holds the same logits under both executions, batch 1 included."""
+    lc = _convert(name, "sequential")
+    randomize_gates(lc, seed=2)
+    for batch in (1, 3):
+        x = example(name, batch=batch)
+        states = {}
+        for execution in ("masked", "skip"):
+            _outputs(lc, x, execution)
+            states[execution] = [(b.last.z_l, b.last.z_c, b.last.keep(), b.last.active()) for b in lcsurgery.gated_blocks(lc)]
+        for masked, skipped in zip(states["masked"], states["skip"], strict=True):
+            for a, b in zip(masked, skipped, strict=True):
+                assert (a is None and b is None) or (a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5))
+
+
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 @pytest.mark.parametrize("name", ["tv.resnet18", "tv.resnet50", "tv.mobilenet_v2", "cifar.resnet20"])
 def test_batch_one_executes_exactly_the_accounted_macs(name, placement):

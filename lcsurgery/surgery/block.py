@@ -11,6 +11,7 @@ Masked execution (training, export, debugging) computes everything and multiplie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,10 +191,25 @@ def _run(piece: Piece | None, root: nn.Module, x: Tensor) -> Tensor:
 
 def _is_exporting() -> bool:
     """True under torch.jit/onnx/fx/dynamo tracing, where data-dependent skipping cannot be recorded."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return True
-    if torch.onnx.is_in_onnx_export():
-        return True
-    if torch.compiler.is_compiling():
-        return True
-    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing() or _in_onnx_export()
+
+
+_onnx_flags: Callable[[], bool] | None = None
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export`` without its two imports per call (2 us, paid by every block
+    of every eval forward): the flags it reads, looked up once."""
+    global _onnx_flags
+    if _onnx_flags is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+        except ImportError:  # another torch layout: the public call
+            _onnx_flags = torch.onnx.is_in_onnx_export
+        else:
+            _onnx_flags = lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting  # noqa: E731
+    return _onnx_flags()
+
