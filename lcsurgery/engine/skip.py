@@ -195,7 +195,7 @@ class BlockPlan:
         h = _run(self.pre, x)
         if len(active) == self.channels:
             h = _run(self.head, h)
-            if any(v < 1.0 for v in zc):
+            if min(zc) < 1.0:
                 h = h * self.block.channel_view(z[:, nl:].clamp(0.0, 1.0))
             return torch.add(shortcut, _run(self.tail, _run(self.between, h)), alpha=s_l)
         sl = self.sliced(active or (0,), x.device)
