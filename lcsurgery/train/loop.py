@@ -355,9 +355,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(dataset_classes(cfg.data))).to(d.device)
+    num_classes = len(dataset_classes(cfg.data))
+    model = build_model(cfg, num_classes).to(d.device)
     with torch.random.fork_rng(devices=[]):  # the teacher's throwaway initialisation leaves the run's random stream alone
-        teacher = build_teacher(cfg, len(dataset_classes(cfg.data))).to(d.device) if cfg.teacher else None
+        teacher = build_teacher(cfg, num_classes).to(d.device) if cfg.teacher else None
     out = _prepare_out(cfg) if d.main else Path(cfg.out)  # after the model and teacher load: a bad checkpoint leaves --out untouched
     d.barrier()
     loaders = make_loaders(
