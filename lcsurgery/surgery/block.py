@@ -212,4 +212,3 @@ def _in_onnx_export() -> bool:
         else:
             _onnx_flags = lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting  # noqa: E731
     return _onnx_flags()
-
