@@ -180,10 +180,14 @@ class TestCliErrors:
         assert main(["finetune", *args, "--force"]) == 0
 
 
+def _reject(name: str) -> None:
+    raise AssertionError(f"{name} in JSON output")
+
+
 def test_run_writes_logs_checkpoint_and_metrics(tmp_path):
     out = tmp_path / "run"
     metrics = finetune(FinetuneConfig(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=2, budget=0.7, placement="sequential", out=str(out)))
-    saved = json.loads((out / "metrics.json").read_text())
+    saved = json.loads((out / "metrics.json").read_text(), parse_constant=_reject)  # strict JSON: no NaN
     assert saved == json.loads(json.dumps(metrics))
     assert 0.0 <= saved["val_accuracy"] <= 1.0 and saved["placement"] == "sequential"
     assert 0 < saved["mean_macs"] <= saved["dense_macs"] * 1.01

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -295,7 +296,8 @@ def evaluate(model: nn.Module, loaders: Loaders, placement: str, dense: bool) ->
         "mac_fraction": report.ratio,
         "mean_macs_by_placement": {placement: report.mean, other.placement: other.mean},
         "skip_rates": {n: round(b.skip_rate, 4) for n, b in report.by_block.items()},
-        "active_fraction": {n: round(b.active_fraction, 4) for n, b in report.by_block.items()},
+        # null, not NaN, for blocks without a C-Net or never run: NaN is not JSON (jq and browsers reject it)
+        "active_fraction": {n: None if math.isnan(b.active_fraction) else round(b.active_fraction, 4) for n, b in report.by_block.items()},
     }
 
 
