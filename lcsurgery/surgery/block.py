@@ -138,9 +138,12 @@ class GatedBlock(nn.Module):
         # e.g. when training with BatchNorm frozen by eval()) and no tracer recording the graph.
         if self.training or self.execution != "skip" or torch.is_grad_enabled() or _is_exporting():
             return self.masked_forward(x)
-        from lcsurgery.engine.skip import skip_forward
+        plan = self.engine
+        if plan is None or not plan.valid():  # first eval call, or gate weights changed in place
+            from lcsurgery.engine.skip import BlockPlan  # here, not at the top: the engine imports this module
 
-        return skip_forward(self, x)
+            plan = self.engine = BlockPlan(self)
+        return plan(x)
 
     def masked_forward(self, x: Tensor) -> Tensor:
         """Compute every op and scale by the gates (differentiable; the reference semantics)."""
