@@ -66,7 +66,7 @@ def open_gates(lc: nn.Module) -> None:
         b.reset_gates()
 
 
-def _time(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, budget_s: float = 90.0) -> dict[str, list[float]]:
+def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, budget_s: float = 90.0) -> dict[str, list[float]]:
     """Round-robin timing: each round runs every variant once, in a rotating order.
 
     Rounds are capped (at 7 or more) so that one table cell takes about ``budget_s``: a
@@ -117,7 +117,7 @@ def bench_model(
                 macs[(key, str(batch))] = lcsurgery.count_macs(lc, x[: min(batch, 16)], placement).mean
             dense_macs = lcsurgery.count_macs(variants["parallel/open"], x[:1]).dense
             fns = {"original": lambda: model(x)} | {k: (lambda m=m: m(x)) for k, m in variants.items()}
-            samples = _time(fns, rounds, warmup)
+            samples = time_round_robin(fns, rounds, warmup)
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         q = {k: [round(t * 1e3, 4) for t in statistics.quantiles(v, n=4)] for k, v in samples.items()}
         rows.append(Row(name, batch, "-", "original", med["original"], dense_macs, spread={"quartiles_ms": q["original"]}))
@@ -190,7 +190,7 @@ def run(
         "threads": threads,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "rounds": rounds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def run(
     return rows
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

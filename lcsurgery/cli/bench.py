@@ -2,6 +2,7 @@
 
   lcsurgery bench latency [--models cifar:resnet20 ...] [--batches 1 64] [--threads 1]
   lcsurgery bench tradeoff --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 5
+  lcsurgery bench kernels [--models cifar:resnet20 ...] [--batches 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lcsurgery.bench import latency, tradeoff
+from lcsurgery.bench import kernels, latency, tradeoff
 from lcsurgery.cli import finetune
 from lcsurgery.train.loop import FinetuneConfig
 
@@ -26,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--checkpoint", nargs=2, action="append", metavar=("MODEL", "PATH"), help="weights for a model spec")
     lat.add_argument("--trained", nargs=2, action="append", metavar=("MODEL", "RUN_DIR"), help="also time the trained gates of a finetune run")
     lat.add_argument("--out", default="runs/bench/latency.json")
+    ker = sub.add_parser("kernels", help="how much of a channel cut the conv kernels turn into time", description=kernels.__doc__)
+    ker.add_argument("--models", nargs="+", default=list(latency.MODELS), help="model specs (CIFAR models run at 32x32, others at 224)")
+    ker.add_argument("--batches", nargs="+", type=int, default=[1])
+    ker.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
+    ker.add_argument("--rounds", type=int, default=300, help="timed rounds per conv shape (capped at ~10 s a shape)")
+    ker.add_argument("--warmup", type=int, default=20)
+    ker.add_argument("--out", default="runs/bench/kernels.json")
     tr = sub.add_parser("tradeoff", help="dense fine-tune and LC-Net at several MAC budgets, both placements", description=tradeoff.__doc__)
     finetune.add_arguments(tr, single_run=False)
     tr.add_argument("--out", default="runs/tradeoff", help="one run folder per fine-tune, plus results.json/.md and tradeoff.png")
@@ -42,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
             args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out),
             checkpoint=dict(args.checkpoint or []), trained=dict(args.trained or []),
         )  # fmt: skip
+    if args.benchmark == "kernels":
+        kernels.run(args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out))
     return 0
