@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+from zoo import example, original, randomize_gates
 
+import lcsurgery
+from lcsurgery.bench.floor import record_kernels, replay
 from lcsurgery.bench.kernels import ConvShape, conv_shapes
+from lcsurgery.bench.latency import Row, format_table
 from lcsurgery.models.factory import create_model
 
 
@@ -30,3 +36,38 @@ def test_conv_shapes_cover_every_conv_once(name):
     names = [n for convs in shapes.values() for n in convs]
     assert sorted(names) == sorted(n for n, m in model.named_modules() if m.__class__.__name__ == "Conv2d")
     assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # hooks removed
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("name", ["cifar.resnet20", "tv.resnet18", "tv.mobilenet_v2", "tv.convnext_tiny", "timm.seresnext26d_32x4d"])
+def test_recorded_kernels_are_what_torch_counts_and_replay_makes_the_same_calls(name, placement):
+    """The kernel floor times exactly the conv and matrix work the forward did: its MACs equal
+    torch's own flop counter (an independent count, 2 flops a MAC), and the replay makes the
+    same calls with the same shapes."""
+    lc = lcsurgery.convert(original(name), placement).eval()
+    randomize_gates(lc, seed=4)
+    for batch in (1, 3):
+        x = example(name, batch=batch, seed=batch)
+        calls = record_kernels(lambda: lc(x))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            lc(x)
+        assert 2 * sum(c.macs for c in calls) == counter.get_total_flops() > 0
+        assert record_kernels(replay(calls)) == calls
+
+
+def test_recorded_kernels_of_the_original_model_are_its_dense_macs():
+    model = original("cifar.resnet20")
+    calls = record_kernels(lambda: model(example("cifar.resnet20", batch=1)))
+    assert sum(c.macs for c in calls) == lcsurgery.count_macs(lcsurgery.convert(model), example("cifar.resnet20", batch=1)).dense == 40_551_040
+    assert [c.op for c in calls] == ["conv2d"] * 19 + ["linear"]
+
+
+def test_latency_table_shows_kernel_floor_columns():
+    rows = [
+        Row("m", 1, "sequential", "open", 2.0, 100e6, kernel_ms=1.5, overhead_vs_original=0.01),
+        Row("m", 1, "sequential", "skip", 1.0, 25e6, speedup_vs_open=2.0, mac_ratio_vs_open=4.0, efficiency=0.5, kernel_ms=0.5, kernel_efficiency=0.75),
+    ]
+    table = format_table(rows).splitlines()
+    assert "kernel ms" in table[0] and "kernel eff" in table[0]
+    assert table[1].split()[-2:] == ["1.500", "+1.0%"]
+    assert table[2].split()[-4:] == ["4.00x", "0.50", "0.500", "0.75"]

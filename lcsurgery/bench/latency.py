@@ -7,7 +7,10 @@ of the rest) or trained gates from a run folder. It reports medians and
 
 - the cost of open gates: time(open) / time(original) - 1, and
 - the translation efficiency of skipping: (time(open) / time(gated)) / (MACs(open) / MACs(gated)),
-  which is 1 when every MAC saved is time saved.
+  which is 1 when every MAC saved is time saved, and
+- the kernel-bound efficiency: the same ratio for the variant's conv and matrix kernels replayed
+  alone (``lcsurgery.bench.floor``), the most any engine on this backend's kernels could reach.
+  The gap between the two is the engine's overhead; a target above the second needs other kernels.
 
 Prints a table and writes JSON. Not a test: numbers depend on the machine and its load.
 """
@@ -28,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import lcsurgery
+from lcsurgery.bench.floor import record_kernels, replay
 from lcsurgery.models.factory import create_model
 
 
@@ -45,6 +49,8 @@ class Row:
     mac_ratio_vs_open: float | None = None
     efficiency: float | None = None
     overhead_vs_original: float | None = None
+    kernel_ms: float | None = None  # the variant's MAC-bearing kernels alone (median ms per batch)
+    kernel_efficiency: float | None = None
     spread: dict = field(default_factory=dict)  # quartiles, to judge the noise
 
 
@@ -118,31 +124,36 @@ def bench_model(
             dense_macs = lcsurgery.count_macs(variants["parallel/open"], x[:1]).dense
             fns = {"original": lambda: model(x)} | {k: (lambda m=m: m(x)) for k, m in variants.items()}
             samples = time_round_robin(fns, rounds, warmup)
+            kernels = time_round_robin({k: replay(record_kernels(f)) for k, f in fns.items()}, rounds, warmup, budget_s=45.0)
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+        kmed = {k: statistics.median(v) * 1e3 for k, v in kernels.items()}
         q = {k: [round(t * 1e3, 4) for t in statistics.quantiles(v, n=4)] for k, v in samples.items()}
-        rows.append(Row(name, batch, "-", "original", med["original"], dense_macs, spread={"quartiles_ms": q["original"]}))
+        rows.append(Row(name, batch, "-", "original", med["original"], dense_macs, kernel_ms=kmed["original"], spread={"quartiles_ms": q["original"]}))
         for key in variants:
             placement, pattern = key.split("/")
             open_key = f"{placement}/open"
-            row = Row(name, batch, placement, pattern, med[key], macs[(key, str(batch))], spread={"quartiles_ms": q[key]})
+            row = Row(name, batch, placement, pattern, med[key], macs[(key, str(batch))], kernel_ms=kmed[key], spread={"quartiles_ms": q[key]})
             if pattern == "open":
                 row.overhead_vs_original = med[key] / med["original"] - 1
             else:
                 row.speedup_vs_open = med[open_key] / med[key]
                 row.mac_ratio_vs_open = macs[(open_key, str(batch))] / row.macs
                 row.efficiency = row.speedup_vs_open / row.mac_ratio_vs_open
+                row.kernel_efficiency = (kmed[open_key] / kmed[key]) / row.mac_ratio_vs_open
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("model", "batch", "placement", "gates", "ms", "MACs/img", "speedup", "MAC ratio", "efficiency", "open cost")
+    head = ("model", "batch", "placement", "gates", "ms", "MACs/img", "speedup", "MAC ratio", "efficiency", "kernel ms", "kernel eff", "open cost")
     lines = []
     for r in rows:
         lines.append((
             r.model, str(r.batch), r.placement, r.pattern, f"{r.ms:.3f}", f"{r.macs / 1e6:.2f}M",
             f"{r.speedup_vs_open:.2f}x" if r.speedup_vs_open else "", f"{r.mac_ratio_vs_open:.2f}x" if r.mac_ratio_vs_open else "",
-            f"{r.efficiency:.2f}" if r.efficiency else "", f"{100 * r.overhead_vs_original:+.1f}%" if r.overhead_vs_original is not None else "",
+            f"{r.efficiency:.2f}" if r.efficiency else "", f"{r.kernel_ms:.3f}" if r.kernel_ms is not None else "",
+            f"{r.kernel_efficiency:.2f}" if r.kernel_efficiency else "",
+            f"{100 * r.overhead_vs_original:+.1f}%" if r.overhead_vs_original is not None else "",
         ))  # fmt: skip
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
