@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import math
 import os
 import time
 from dataclasses import dataclass
