@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -11,6 +13,7 @@ from zoo import example, original, randomize_gates
 import lcsurgery
 from lcsurgery.bench.floor import record_kernels, replay
 from lcsurgery.bench.kernels import ConvShape, conv_shapes
+from lcsurgery.bench import latency
 from lcsurgery.bench.latency import Row, format_table
 from lcsurgery.models.factory import create_model
 
@@ -71,3 +74,31 @@ def test_latency_table_shows_kernel_floor_columns():
     assert "kernel ms" in table[0] and "kernel eff" in table[0]
     assert table[1].split()[-2:] == ["1.500", "+1.0%"]
     assert table[2].split()[-4:] == ["4.00x", "0.50", "0.500", "0.75"]
+
+
+def test_latency_benchmark_rows_and_json(tmp_path):
+    """Every variant gets a row; MAC ratios are the exact counts' ratios and the kernel floor
+    replays the variant's own work (no assertion on time: machines are noisy)."""
+    out = tmp_path / "lat.json"
+    rows = latency.run(["cifar:resnet20"], [1], threads=1, rounds=7, warmup=1, out=out)
+    keys = [(r.placement, r.pattern) for r in rows]
+    patterns = ["open", "skip30+half", "skip60+half"]
+    assert keys == [("-", "original")] + [(p, g) for p in ("parallel", "sequential") for g in patterns]
+    by = {k: r for k, r in zip(keys, rows)}
+    assert by[("-", "original")].macs == 40_551_040
+    for placement in ("parallel", "sequential"):
+        opened, cut = by[(placement, "open")], by[(placement, "skip60+half")]
+        assert opened.overhead_vs_original is not None and opened.efficiency is None
+        assert cut.mac_ratio_vs_open == opened.macs / cut.macs > 2.0
+        assert cut.efficiency == pytest.approx(cut.speedup_vs_open / cut.mac_ratio_vs_open)
+        assert all(r.kernel_ms > 0 for r in (opened, cut)) and cut.kernel_efficiency > 0
+    assert by[("sequential", "skip60+half")].macs < by[("parallel", "skip60+half")].macs
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["device"] == "cpu" and saved["meta"]["threads"] == 1 and len(saved["rows"]) == len(rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_latency_benchmark_on_cuda_without_a_gpu_says_so(tmp_path):
+    with pytest.raises(lcsurgery.LCSurgeryError, match="--device cuda: no CUDA device is visible"):
+        latency.run(["cifar:resnet20"], [1], threads=1, rounds=7, warmup=1, out=tmp_path / "x.json", device="cuda")
+    assert not (tmp_path / "x.json").exists()

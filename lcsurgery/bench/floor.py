@@ -96,12 +96,12 @@ def record_kernels(fn: Callable[[], object]) -> list[KernelCall]:
     return rec.calls
 
 
-def replay(calls: list[KernelCall], seed: int = 0) -> Callable[[], None]:
-    """A function that runs ``calls`` alone, on tensors of their shapes made once here."""
+def replay(calls: list[KernelCall], seed: int = 0, device: torch.device | str = "cpu") -> Callable[[], None]:
+    """A function that runs ``calls`` alone, on tensors of their shapes made once here (on ``device``)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(shape: tuple[int, ...] | None) -> Tensor | None:
-        return None if shape is None else torch.randn(shape, generator=gen)
+        return None if shape is None else torch.randn(shape, generator=gen).to(device)
 
     steps: list[Callable[[], Tensor]] = []
     for c in calls:

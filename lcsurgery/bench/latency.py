@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import lcsurgery
 from lcsurgery.bench.floor import record_kernels, replay
+from lcsurgery.errors import LCSurgeryError
 from lcsurgery.models.factory import create_model
 
 
@@ -104,8 +105,10 @@ def bench_model(
     patterns: dict[str, Callable[[nn.Module], None]],
     rounds: int,
     warmup: int,
+    device: torch.device | str = "cpu",
 ) -> list[Row]:
     """Time one model: original, converted-open, and each pattern, both placements, each batch size."""
+    device = torch.device(device)
     model = model.eval()
     rows: list[Row] = []
     variants: dict[str, nn.Module] = {}
@@ -122,9 +125,17 @@ def bench_model(
                 placement, pattern = key.split("/")
                 macs[(key, str(batch))] = lcsurgery.count_macs(lc, x[: min(batch, 16)], placement).mean
             dense_macs = lcsurgery.count_macs(variants["parallel/open"], x[:1]).dense
-            fns = {"original": lambda: model(x)} | {k: (lambda m=m: m(x)) for k, m in variants.items()}
+        models = {"original": model} | variants
+        for m in models.values():
+            m.to(device)
+        x = x.to(device)
+        with torch.no_grad():
+            fns = {k: _synced(lambda m=m: m(x), device) for k, m in models.items()}
             samples = time_round_robin(fns, rounds, warmup)
-            kernels = time_round_robin({k: replay(record_kernels(f)) for k, f in fns.items()}, rounds, warmup, budget_s=45.0)
+            floors = {k: _synced(replay(record_kernels(lambda m=m: m(x)), device=device), device) for k, m in models.items()}
+            kernels = time_round_robin(floors, rounds, warmup, budget_s=45.0)
+        for m in models.values():
+            m.to("cpu")
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         kmed = {k: statistics.median(v) * 1e3 for k, v in kernels.items()}
         q = {k: [round(t * 1e3, 4) for t in statistics.quantiles(v, n=4)] for k, v in samples.items()}
@@ -142,6 +153,19 @@ def bench_model(
                 row.kernel_efficiency = (kmed[open_key] / kmed[key]) / row.mac_ratio_vs_open
             rows.append(row)
     return rows
+
+
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` that returns only once the device has finished its work (GPU kernels run asynchronously)."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
 def format_table(rows: list[Row]) -> str:
@@ -176,8 +200,11 @@ def run(
     out: Path,
     checkpoint: dict[str, str] | None = None,
     trained: dict[str, str] | None = None,
+    device: str = "cpu",
 ) -> list[Row]:
     """The benchmark; ``trained`` maps a model spec to a run folder whose gates to time too."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise LCSurgeryError(f"--device {device}: no CUDA device is visible to torch here (torch {torch.__version__})")
     torch.set_num_threads(threads)
     rows: list[Row] = []
     patterns = {
@@ -194,7 +221,7 @@ def run(
         if trained and spec in trained:
             state = torch.load(Path(trained[spec]) / "model.pt", map_location="cpu", weights_only=True)
             pats["trained"] = lambda lc, s=state: lc.load_state_dict(copy.deepcopy(s))
-        rows += bench_model(spec, model, size, batches, pats, rounds, warmup)
+        rows += bench_model(spec, model, size, batches, pats, rounds, warmup, device)
         print(format_table([r for r in rows if r.model == spec]), flush=True)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
@@ -202,6 +229,7 @@ def run(
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_name(),
+        "device": torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "cpu",
         "rounds": rounds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

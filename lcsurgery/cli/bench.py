@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--warmup", type=int, default=10)
     lat.add_argument("--checkpoint", nargs=2, action="append", metavar=("MODEL", "PATH"), help="weights for a model spec")
     lat.add_argument("--trained", nargs=2, action="append", metavar=("MODEL", "RUN_DIR"), help="also time the trained gates of a finetune run")
+    lat.add_argument("--device", default="cpu", help="where to run: cpu, or cuda / cuda:N (timed with a synchronize after each call)")
     lat.add_argument("--out", default="runs/bench/latency.json")
     ker = sub.add_parser("kernels", help="how much of a channel cut the conv kernels turn into time", description=kernels.__doc__)
     ker.add_argument("--models", nargs="+", default=list(latency.MODELS), help="model specs (CIFAR models run at 32x32, others at 224)")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.benchmark == "latency":
         latency.run(
             args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out),
-            checkpoint=dict(args.checkpoint or []), trained=dict(args.trained or []),
+            checkpoint=dict(args.checkpoint or []), trained=dict(args.trained or []), device=args.device,
         )  # fmt: skip
     if args.benchmark == "kernels":
         kernels.run(args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out))
