@@ -95,6 +95,9 @@ def test_latency_benchmark_rows_and_json(tmp_path):
     assert by[("sequential", "skip60+half")].macs < by[("parallel", "skip60+half")].macs
     saved = json.loads(out.read_text())
     assert saved["meta"]["device"] == "cpu" and saved["meta"]["threads"] == 1 and len(saved["rows"]) == len(rows)
+    markdown = out.with_suffix(".md").read_text().splitlines()
+    assert len(markdown) == 2 + len(rows) and all(line.count("|") == 13 for line in markdown)
+    assert markdown[-1].startswith("| cifar:resnet20 | 1 | sequential | skip60+half |")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

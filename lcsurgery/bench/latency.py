@@ -168,20 +168,32 @@ def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], obje
     return run
 
 
+def _cells(r: Row) -> list[str]:
+    """One row's cells, shared by the printed and the Markdown table."""
+    return [
+        r.model, str(r.batch), r.placement, r.pattern, f"{r.ms:.3f}", f"{r.macs / 1e6:.2f}M",
+        f"{r.speedup_vs_open:.2f}x" if r.speedup_vs_open else "", f"{r.mac_ratio_vs_open:.2f}x" if r.mac_ratio_vs_open else "",
+        f"{r.efficiency:.2f}" if r.efficiency else "", f"{r.kernel_ms:.3f}" if r.kernel_ms is not None else "",
+        f"{r.kernel_efficiency:.2f}" if r.kernel_efficiency else "",
+        f"{100 * r.overhead_vs_original:+.1f}%" if r.overhead_vs_original is not None else "",
+    ]  # fmt: skip
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("model", "batch", "placement", "gates", "ms", "MACs/img", "speedup", "MAC ratio", "efficiency", "kernel ms", "kernel eff", "open cost")
-    lines = []
-    for r in rows:
-        lines.append((
-            r.model, str(r.batch), r.placement, r.pattern, f"{r.ms:.3f}", f"{r.macs / 1e6:.2f}M",
-            f"{r.speedup_vs_open:.2f}x" if r.speedup_vs_open else "", f"{r.mac_ratio_vs_open:.2f}x" if r.mac_ratio_vs_open else "",
-            f"{r.efficiency:.2f}" if r.efficiency else "", f"{r.kernel_ms:.3f}" if r.kernel_ms is not None else "",
-            f"{r.kernel_efficiency:.2f}" if r.kernel_efficiency else "",
-            f"{100 * r.overhead_vs_original:+.1f}%" if r.overhead_vs_original is not None else "",
-        ))  # fmt: skip
+    lines = [_cells(r) for r in rows]
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in lines])
+
+
+def format_markdown(rows: list[Row]) -> str:
+    """The table as Markdown, for a README (``<out>.md`` beside the JSON)."""
+    lines = [
+        "| model | batch | placement | gates | ms | MACs/img | speed-up vs open | MAC ratio vs open | efficiency | kernels alone (ms) | kernel-bound efficiency | open gates vs original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
 
 
 MODELS = {
@@ -234,6 +246,7 @@ def run(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    out.with_suffix(".md").write_text(format_markdown(rows) + "\n")
     return rows
 
 
