@@ -340,3 +340,13 @@ class TestDistillation:
         plain, w0, w9 = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("plain", "w0", "w9"))
         assert all(torch.equal(plain[k], w0[k]) for k in plain)
         assert any(not torch.allclose(plain[k], w9[k]) for k in plain if plain[k].is_floating_point())
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(tmp_path):
+    """A NaN loss must stop the run, not train on (a 20-epoch budget run once went on with NaN
+    for three epochs, and wrote its NaN model over the last good checkpoint every epoch)."""
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, budget=0.7, placement="sequential", epochs=2, lr=1e30, out=str(out))
+    with pytest.raises(lcsurgery.LCSurgeryError, match=r"training diverged: the loss is (nan|inf) at step \d+ \(epoch 1\).*holds nothing yet.*lower --lr"):
+        finetune(cfg)
+    assert not any((out / f).exists() for f in ("last.pt", "model.pt", "metrics.json"))

@@ -417,6 +417,14 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
                     penalty = macs_penalty(lc) if cfg.penalty == "macs" else gate_l1(lc, cost_aware=cfg.cost_aware)
                     loss = loss + strength * penalty
                 info = {"macs": f"{frac:.3f}", "penalty": f"{strength:.3g}"}
+            loss_value = d.mean(loss.item())  # the same on every rank, so all of them stop together
+            if not math.isfinite(loss_value):
+                last = f"epoch {epoch}" if epoch else "nothing yet"
+                raise LCSurgeryError(
+                    f"training diverged: the loss is {loss_value} at step {sched.last_epoch + 1} (epoch {epoch + 1}); "
+                    f"stopped instead of training on NaN. {out / 'last.pt'} holds {last}. Rerun with a lower --lr or --gate-lr "
+                    f"(see steps.jsonl for the loss and penalty strength before it)"
+                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -424,11 +432,11 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
             sched.step()
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss_value * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", **info)
             if d.main and lc is not None and sched.last_epoch % STEP_LOG_EVERY == 0:
                 with open(out / "steps.jsonl", "a") as f:
-                    f.write(json.dumps({"step": sched.last_epoch, "epoch": epoch + 1, "loss": loss.item(), "mac_fraction": frac, "penalty_strength": strength}) + "\n")
+                    f.write(json.dumps({"step": sched.last_epoch, "epoch": epoch + 1, "loss": loss_value, "mac_fraction": frac, "penalty_strength": strength}) + "\n")
         if d.main:
             metrics = evaluate(model, loaders, cfg.placement, cfg.dense)
         if controller is not None:
