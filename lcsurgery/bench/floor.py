@@ -62,6 +62,8 @@ def _shape(t: object) -> tuple[int, ...] | None:
 
 
 class _Recorder(TorchFunctionMode):
+    """Notes every conv and matrix call made under it (nested calls inside them are not seen)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[KernelCall] = []
@@ -81,11 +83,10 @@ class _Recorder(TorchFunctionMode):
             op = _MATMULS[func]
             if op == "addmm":
                 bias, x, w = args[:3]
-                self.calls.append(KernelCall(op, _shape(x), _shape(w), _shape(bias)))
             else:
                 x, w = args[:2]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                self.calls.append(KernelCall(op, _shape(x), _shape(w), _shape(bias)))
+            self.calls.append(KernelCall(op, _shape(x), _shape(w), _shape(bias)))
         return func(*args, **kwargs)
 
 
