@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-_CONVS = {F.conv2d: "conv2d", torch.conv2d: "conv2d"}
 _MATMULS = {F.linear: "linear", torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmul"}
 
 
@@ -33,6 +32,7 @@ class KernelCall:
     op: str  # "conv2d", "linear", "addmm", "mm" or "matmul"
     input: tuple[int, ...]
     weight: tuple[int, ...]  # conv/linear weight, or the second matrix of a product
+    output: tuple[int, ...]
     bias: tuple[int, ...] | None = None
     stride: tuple[int, ...] = (1, 1)
     padding: tuple[int, ...] = (0, 0)
@@ -41,16 +41,10 @@ class KernelCall:
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates of the call (what fvcore counts for it)."""
-        if self.op == "conv2d":
-            n, _, h, w = self.input
-            kh, kw = self.weight[2:]
-            ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-            wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-            return n * self.weight[0] * ho * wo * self.weight[1] * kh * kw
-        if self.op == "linear":
-            return math.prod(self.input) * self.weight[0]
-        return math.prod(self.input[:-1]) * self.input[-1] * self.weight[-1]  # [.., m, k] @ [k, n]
+        """Multiply-accumulates of the call (what fvcore counts for it): every output element sums
+        over a conv filter's (C_in / groups) x kh x kw inputs, or over a product's inner dimension."""
+        inner = math.prod(self.weight[1:]) if self.op == "conv2d" else self.input[-1]
+        return math.prod(self.output) * inner
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -70,13 +64,14 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
         kwargs = kwargs or {}
-        if func in _CONVS:
+        out = func(*args, **kwargs)
+        if func is F.conv2d:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             a = dict(zip(names, args)) | kwargs
             if isinstance(a.get("padding", 0), str):
                 raise NotImplementedError("string padding is not replayed")
             self.calls.append(KernelCall(
-                "conv2d", _shape(a["input"]), _shape(a["weight"]), _shape(a.get("bias")),
+                "conv2d", _shape(a["input"]), _shape(a["weight"]), _shape(out), _shape(a.get("bias")),
                 _pair(a.get("stride", 1)), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1)), a.get("groups", 1),
             ))  # fmt: skip
         elif func in _MATMULS:
@@ -86,8 +81,8 @@ class _Recorder(TorchFunctionMode):
             else:
                 x, w = args[:2]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            self.calls.append(KernelCall(op, _shape(x), _shape(w), _shape(bias)))
-        return func(*args, **kwargs)
+            self.calls.append(KernelCall(op, _shape(x), _shape(w), _shape(out), _shape(bias)))
+        return out
 
 
 def record_kernels(fn: Callable[[], object]) -> list[KernelCall]:

@@ -118,24 +118,22 @@ def bench_model(
             lc = lcsurgery.convert(model, placement, input_size=(3, size, size)).eval()
             apply(lc)
             variants[f"{placement}/{pattern}"] = lc
-    for batch in batches:
-        x = torch.randn(batch, 3, size, size)
-        with torch.no_grad():
+    inputs = {batch: torch.randn(batch, 3, size, size) for batch in batches}
+    with torch.no_grad():  # MACs on the CPU, before anything moves to ``device``
+        for batch, x in inputs.items():
             for key, lc in variants.items():
-                placement, pattern = key.split("/")
-                macs[(key, str(batch))] = lcsurgery.count_macs(lc, x[: min(batch, 16)], placement).mean
-            dense_macs = lcsurgery.count_macs(variants["parallel/open"], x[:1]).dense
-        models = {"original": model} | variants
-        for m in models.values():
-            m.to(device)
+                macs[(key, str(batch))] = lcsurgery.count_macs(lc, x[: min(batch, 16)], key.split("/")[0]).mean
+        dense_macs = lcsurgery.count_macs(variants["parallel/open"], inputs[batches[0]][:1]).dense
+    models = {"original": model} | variants
+    for m in models.values():
+        m.to(device)
+    for batch, x in inputs.items():
         x = x.to(device)
         with torch.no_grad():
             fns = {k: _synced(lambda m=m: m(x), device) for k, m in models.items()}
             samples = time_round_robin(fns, rounds, warmup)
             floors = {k: _synced(replay(record_kernels(lambda m=m: m(x)), device=device), device) for k, m in models.items()}
             kernels = time_round_robin(floors, rounds, warmup, budget_s=45.0)
-        for m in models.values():
-            m.to("cpu")
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         kmed = {k: statistics.median(v) * 1e3 for k, v in kernels.items()}
         q = {k: [round(t * 1e3, 4) for t in statistics.quantiles(v, n=4)] for k, v in samples.items()}
@@ -215,7 +213,8 @@ def run(
     device: str = "cpu",
 ) -> list[Row]:
     """The benchmark; ``trained`` maps a model spec to a run folder whose gates to time too."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
         raise LCSurgeryError(f"--device {device}: no CUDA device is visible to torch here (torch {torch.__version__})")
     torch.set_num_threads(threads)
     rows: list[Row] = []
@@ -241,7 +240,7 @@ def run(
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_name(),
-        "device": torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(torch.device(device)) if on_gpu else "cpu",
         "rounds": rounds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
