@@ -101,6 +101,19 @@ class TestBudgetController:
         down = [c.update(0.1, (50 + i) / 500) for i in range(200)][-1]
         assert down < up
 
+    def test_penalty_is_continuous_at_the_budget(self):
+        """A hair above or below the target, the penalty is nearly the same: no chatter between a
+        full closing push and none (what made a 20-epoch run diverge)."""
+        def after_ramp(fraction: float) -> float:
+            c = BudgetController(0.5, ramp=0.5, smoothing=0.0, strength=10.0)
+            return c.update(fraction, progress=0.8) / c.strength  # the multiplier over the controller's strength
+
+        above, below = after_ramp(0.5005), after_ramp(0.4995)
+        assert above == 1.0
+        assert below == pytest.approx(above, rel=0.05)
+        assert after_ramp(0.49) > 0 > after_ramp(0.48)  # eases off first, reopens further under
+        assert after_ramp(0.30) == pytest.approx(-1.0, rel=0.01)
+
     def test_target_ramps_from_dense_to_budget(self):
         c = BudgetController(0.4, ramp=0.5)
         targets = []
