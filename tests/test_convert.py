@@ -70,6 +70,20 @@ def test_every_parameter_gets_a_gradient(name):
     assert sum(float(g) for g in gate_grads) > 0
 
 
+@pytest.mark.parametrize("name", NAMES[:4])
+def test_gates_send_no_gradient_into_the_backbone(name):
+    """The gates read the backbone's features but do not train them: the task loss reaching the
+    backbone through a gate input made a 20-epoch ResNet-20 run diverge."""
+    lc = _convert(name).train()
+    x = example(name, batch=2).requires_grad_(True)
+    lc(x)
+    gate_values = [s for blk in lcsurgery.gated_blocks(lc) for s in (blk.last.s_l, blk.last.s_c) if s is not None]
+    torch.stack([s.sum() for s in gate_values]).sum().backward()
+    assert x.grad is None
+    assert all(p.grad is None for n, p in lc.named_parameters() if not n.startswith("lc_gates."))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lc.named_parameters() if n.startswith("lc_gates."))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_names_unchanged_and_original_checkpoint_loads(name):
     model = original(name)

@@ -4,8 +4,9 @@
 It recomputes the gates from the *detached* pooled block inputs: the penalty trains the gates
 only. Were it to flow into the backbone through the gates' inputs, a strong penalty would warp
 the features themselves to close gates, and wreck a pretrained backbone within a few hundred
-steps (we saw this: train accuracy fell from 80% to 14%). The task loss still trains backbone
-and gates jointly, through the gates' inputs included. It is the mean over
+steps (we saw this: train accuracy fell from 80% to 14%). The task loss trains both, but the
+gates' inputs are detached in the block itself (see ``GatedBlock.masked_forward``), so the
+backbone learns only through its own branches. It is the mean over
 gate groups (each block's L-gate, each block's C-gates) of the batch-mean gate value, so it is
 1 with every gate open whatever the depth, and one penalty strength works across models.
 
