@@ -17,7 +17,8 @@ through zero (2.7% under it, for the default band) to ``-strength`` far under it
 penalty pays gates to reopen. It must be continuous at the target: an earlier rule returned
 ``strength`` a hair above the target and about zero a hair below, so the gates of a 20-epoch
 ResNet-20 run chattered between the two (43 of 78 logged steps at +17.7, 35 near or under
-zero, the cost held at 0.498-0.504) until training diverged in its 14th epoch.
+zero, the cost held at 0.498-0.504). That run then diverged, but for another reason: with this
+rule alone a rerun diverged in the same epoch (see ``GatedBlock.masked_forward``).
 
 The target is approached gradually (as in gradual pruning, Zhu & Gupta 2017): it falls from
 the dense cost to the budget over the first ``ramp`` fraction of training, then holds while the
