@@ -103,7 +103,7 @@ class TestBudgetController:
 
     def test_penalty_is_continuous_at_the_budget(self):
         """A hair above or below the target, the penalty is nearly the same: no chatter between a
-        full closing push and none (what made a 20-epoch run diverge)."""
+        full closing push and none (the gates of a 20-epoch run chattered between the two)."""
         def after_ramp(fraction: float) -> float:
             c = BudgetController(0.5, ramp=0.5, smoothing=0.0, strength=10.0)
             return c.update(fraction, progress=0.8) / c.strength  # the multiplier over the controller's strength
