@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from lcsurgery.bench.tradeoff import _runs as _tradeoff_runs
 from lcsurgery.train.budget import BudgetController
 from lcsurgery.data.loaders import make_loaders, normalization
 from lcsurgery.data.sources import load_arrays
-from lcsurgery.train.loop import FinetuneConfig, _cost_gap, build_model, build_teacher, distill_loss, finetune, make_optimizer, make_scheduler
+from lcsurgery.train import loop
+from lcsurgery.train.loop import FinetuneConfig, _cost_gap, build_model, build_teacher, distill_loss, finetune, make_optimizer, make_scheduler, noise_factor
 from lcsurgery.train.optim import param_groups
 from lcsurgery.layers.relu1 import leaky_relu1
 from lcsurgery.train.regularize import gate_l1, macs_penalty
@@ -169,6 +171,11 @@ class TestCliErrors:
     def test_budget_ramp_outside_unit_interval(self, capsys, tmp_path, ramp):
         assert "--budget-ramp is a share of training in (0, 1)" in self._err(capsys, ["--model", TINY, *FAST, "--budget", "0.5", "--budget-ramp", ramp, "--out", str(tmp_path / "a")])
 
+    @pytest.mark.parametrize("freeze", ["0.5", "1.2"])
+    def test_freeze_gates_outside_ramp_to_end(self, capsys, tmp_path, freeze):
+        err = self._err(capsys, ["--model", TINY, *FAST, "--budget", "0.5", "--freeze-gates", freeze, "--out", str(tmp_path / "a")])
+        assert f"--freeze-gates is the share of training after which the gates stop learning and must be in (--budget-ramp, 1] = (0.5, 1], got {freeze}" in err
+
     def test_teacher_errors(self, capsys, tmp_path):
         assert "needs starting weights" in self._err(capsys, ["--model", TINY, *FAST, "--teacher", "start", "--out", str(tmp_path / "a")])
         err = self._err(capsys, ["--model", TINY, *FAST, "--teacher", str(tmp_path / "no-run"), "--out", str(tmp_path / "b")])
@@ -208,7 +215,9 @@ def test_run_writes_logs_checkpoint_and_metrics(tmp_path):
     assert [r["epoch"] for r in log] == [1, 2]
     assert set(log[0]["mean_macs_by_placement"]) == {"parallel", "sequential"} and "skip_rates" in log[0]
     assert (out / "steps.jsonl").exists()
-    assert all(0 < r["mac_fraction_train_images"][k] <= 1.01 for r in log for k in ("eval", "training"))  # the controller's gap
+    assert all(0 < log[0]["mac_fraction_train_images"][k] <= 1.01 for k in ("eval", "training"))  # the controller's gap
+    assert [r["gates_frozen"] for r in log] == [False, True]  # frozen at 75% by default: no more calibration
+    assert "mac_fraction_train_images" not in log[1] and log[1]["penalty_strength"] == 0.0
     lc = lcsurgery.convert(create_model(TINY), "sequential")
     lc.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # weights only, no pickled code
     state = torch.load(out / "last.pt", weights_only=True)
@@ -276,22 +285,41 @@ def test_wide_gates_move_at_a_narrow_gates_pace():
     assert max(moves.values()) < 1.5  # unscaled, the 2048-wide gates would move ~32x further
 
 
-def test_backbone_rate_decays_and_gate_rate_holds():
-    """The gates keep their rate to the last step so the budget controller can still move them."""
+@pytest.mark.parametrize("freeze", [None, 0.8])
+def test_backbone_rate_decays_and_gate_rate_holds_until_the_freeze(freeze):
+    """The gates keep their rate (so the budget controller can still move them) until the freeze, then stop."""
     lc = lcsurgery.convert(original("cifar.resnet20"), "sequential")
     opt = make_optimizer(lc, FinetuneConfig(model="cifar:resnet20", lr=0.1, gate_lr=0.01), steps=100)
-    sched = make_scheduler(opt, 100)
-    rates = {}
-    for step in range(100):
-        if step in (0, 50):
-            rates[step] = {g["name"]: g["lr"] for g in opt.param_groups}
+    sched = make_scheduler(opt, 100, freeze)
+    backbone, gates = {}, {}
+    for step in range(101):
+        backbone[step] = {g["lr"] for g in opt.param_groups if g["name"] == "backbone"}
+        gates[step] = {g["lr"] for g in opt.param_groups if g["name"] == "gates"}
         opt.step()
         sched.step()
-    rates[100] = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert [r["backbone"] for r in rates.values()] == pytest.approx([0.1, 0.05, 0.0], abs=1e-12)
-    gate_rates = [g["lr"] for g in opt.param_groups if g["name"] == "gates"]
-    assert len(gate_rates) == 2 * len(lcsurgery.gated_blocks(lc)) * 2  # weight and bias of both gate layers
-    assert all(r == pytest.approx(0.01) for r in gate_rates)
+    assert [backbone[s].pop() for s in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0], abs=1e-12)
+    assert len([g for g in opt.param_groups if g["name"] == "gates"]) == 2 * len(lcsurgery.gated_blocks(lc)) * 2  # weight and bias of both gate layers
+    last_learning = 100 if freeze is None else 79
+    assert [gates[s] for s in range(101)] == [{0.01}] * (last_learning + 1) + [{0.0}] * (100 - last_learning)
+
+
+def test_frozen_gates_stay_fixed_while_the_backbone_trains(tmp_path, monkeypatch):
+    """With ``freeze_gates=0.5`` over two epochs, epoch 2 leaves every gate parameter as epoch 1 left it
+    and logs no penalty; the gate noise is gone by then too, so training ends on the eval function."""
+    saved = []
+    real_save = loop._save
+    monkeypatch.setattr(loop, "_save", lambda path, obj: (saved.append(copy.deepcopy(obj)) if path.name == "last.pt" else None, real_save(path, obj)))
+    cfg = FinetuneConfig(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=2, budget=0.5, budget_ramp=0.25, freeze_gates=0.5, placement="sequential", out=str(tmp_path / "run"))
+    finetune(cfg)
+    first, second = (s["model"] for s in saved)
+    gate_keys = [k for k in first if k.startswith("lc_gates.")]
+    assert gate_keys and all(torch.equal(first[k], second[k]) for k in gate_keys)
+    assert any(not torch.equal(first[k], second[k]) for k in first if k not in gate_keys and first[k].is_floating_point())
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert all(r["penalty_strength"] == 0.0 for r in steps if r["epoch"] == 2)
+    assert any(r["penalty_strength"] != 0.0 for r in steps if r["epoch"] == 1)
+    assert noise_factor(0.5, 0.35, 0.5) == 0.0 and noise_factor(0.35, 0.35, 0.5) == 1.0
+    assert noise_factor(0.75, 0.5) == 0.0 and noise_factor(0.625, 0.5) == pytest.approx(0.5)  # no freeze: faded by 3/4
 
 
 def test_calibration_images_are_training_images_without_augmentation():
