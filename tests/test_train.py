@@ -176,6 +176,11 @@ class TestCliErrors:
         err = self._err(capsys, ["--model", TINY, *FAST, "--budget", "0.5", "--freeze-gates", freeze, "--out", str(tmp_path / "a")])
         assert f"--freeze-gates is the share of training after which the gates stop learning and must be in (--budget-ramp, 1] = (0.5, 1], got {freeze}" in err
 
+    def test_freeze_gates_follows_the_ramp_by_default(self):
+        assert FinetuneConfig(model=TINY).freeze_gates == 0.75
+        assert FinetuneConfig(model=TINY, budget_ramp=0.8).freeze_gates == pytest.approx(0.9)  # a long ramp alone is no error
+        assert FinetuneConfig(model=TINY, freeze_gates=None).freeze_gates is None
+
     def test_teacher_errors(self, capsys, tmp_path):
         assert "needs starting weights" in self._err(capsys, ["--model", TINY, *FAST, "--teacher", "start", "--out", str(tmp_path / "a")])
         err = self._err(capsys, ["--model", TINY, *FAST, "--teacher", str(tmp_path / "no-run"), "--out", str(tmp_path / "b")])

@@ -64,7 +64,7 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     slope: float = 0.05
     gate_noise: float = 0.2  # logistic noise on gate logits in training (see GatedBlock.noise)
-    freeze_gates: float | None = 0.75  # share of training after which the gates stop learning (None: never)
+    freeze_gates: float | str | None = "auto"  # share of training after which the gates stop learning; "auto": halfway from the ramp's end to the last step; None: never
     teacher: str | None = None  # distil from this dense model: "start" (the starting weights) or a weights file / run folder
     distill_weight: float = 0.9  # share of the distillation term in the loss, the rest is cross-entropy
     distill_temperature: float = 4.0
@@ -90,6 +90,8 @@ class FinetuneConfig:
             raise LCSurgeryError(f"--distill-weight must be in [0, 1] and --distill-temperature positive, got {self.distill_weight} and {self.distill_temperature}")
         if not 0.0 < self.budget_ramp < 1.0:
             raise LCSurgeryError(f"--budget-ramp is a share of training in (0, 1), got {self.budget_ramp}")
+        if self.freeze_gates == "auto":
+            self.freeze_gates = (1.0 + self.budget_ramp) / 2
         if self.freeze_gates is not None and not self.budget_ramp < self.freeze_gates <= 1.0:
             raise LCSurgeryError(
                 f"--freeze-gates is the share of training after which the gates stop learning and must be in "
