@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
     p.add_argument("--slope", type=float, default=0.05, help="ReLU-1 gradient slope outside [0, 1] in training")
     p.add_argument("--gate-noise", type=float, default=0.2, help="scale of the logistic noise on gate logits in training (0: none)")
     p.add_argument("--freeze-gates", type=_share_or_auto, default="auto", help="share of training after which the gates stop learning and the penalty ends, so the backbone's last epochs train against fixed gates; the gate noise fades out by then (default: auto, halfway from the end of --budget-ramp to the last step: 0.75)")
-    p.add_argument("--no-freeze-gates", dest="freeze_gates", action="store_const", const=None, help="the gates learn to the last step (the gate noise fades out by the three-quarter mark after --budget-ramp)")
+    p.add_argument("--no-freeze-gates", dest="freeze_gates", action="store_const", const=None, help="the gates learn to the last step (the gate noise still fades out halfway from the end of --budget-ramp to the last step)")
     p.add_argument("--teacher", help="distil from a dense model: 'start' (the starting weights), a weights file or run folder of the same --model, or in 'bench tradeoff' 'dense' (its own dense run)")
     p.add_argument("--distill-weight", type=float, default=0.9, help="share of the distillation term in the loss (with --teacher)")
     p.add_argument("--distill-temperature", type=float, default=4.0, help="softmax temperature of the distillation term")

@@ -277,7 +277,7 @@ def gates_frozen(progress: float, freeze_gates: float | None) -> bool:
 
 def noise_factor(progress: float, ramp: float = 0.5, end: float | None = None) -> float:
     """Gate noise over training: full while the MAC target ramps down, then fading to zero by
-    ``end`` (default: the three-quarter mark between the ramp and the last step), so that the
+    ``end`` (default: halfway from the end of the ramp to the last step), so that the
     gates settle, and training ends, on exactly the function eval computes."""
     end = (1.0 + ramp) / 2 if end is None else end
     return min(max(1.0 - (progress - ramp) / (end - ramp), 0.0), 1.0)
