@@ -171,13 +171,13 @@ class TestCliErrors:
     def test_budget_ramp_outside_unit_interval(self, capsys, tmp_path, ramp):
         assert "--budget-ramp is a share of training in (0, 1)" in self._err(capsys, ["--model", TINY, *FAST, "--budget", "0.5", "--budget-ramp", ramp, "--out", str(tmp_path / "a")])
 
-    @pytest.mark.parametrize("freeze", ["0.25", "1.2"])
+    @pytest.mark.parametrize("freeze", ["0.5", "1.2"])
     def test_freeze_gates_outside_ramp_to_end(self, capsys, tmp_path, freeze):
         err = self._err(capsys, ["--model", TINY, *FAST, "--budget", "0.5", "--freeze-gates", freeze, "--out", str(tmp_path / "a")])
-        assert f"--freeze-gates is the share of training after which the gates stop learning and must be in (--budget-ramp, 1] = (0.25, 1], got {freeze}" in err
+        assert f"--freeze-gates is the share of training after which the gates stop learning and must be in (--budget-ramp, 1] = (0.5, 1], got {freeze}" in err
 
     def test_freeze_gates_follows_the_ramp_by_default(self):
-        assert FinetuneConfig(model=TINY).freeze_gates == 0.625
+        assert FinetuneConfig(model=TINY).freeze_gates == 0.75
         assert FinetuneConfig(model=TINY, budget_ramp=0.8).freeze_gates == pytest.approx(0.9)  # a long ramp alone is no error
         assert FinetuneConfig(model=TINY, freeze_gates=None).freeze_gates is None
 

@@ -52,7 +52,7 @@ class FinetuneConfig:
     dense: bool = False  # fine-tune the original model, no gates (the baseline)
     l1: float = 0.0  # penalty strength; with a budget, its initial value
     budget: float | None = None  # target fraction of dense MACs, adapts the penalty
-    budget_ramp: float = 0.25  # share of training over which the MAC target falls from dense to the budget
+    budget_ramp: float = 0.5  # share of training over which the MAC target falls from dense to the budget
     penalty: str = "macs"  # "macs": macs_penalty (hard cost, surrogate gradient); "l1": gate_l1 (the paper's)
     cost_aware: bool = True
     epochs: int = 5
@@ -177,7 +177,7 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
     return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True) * t * t
 
 
-def auto_gate_lr(steps: int, ramp: float = 0.25) -> float:
+def auto_gate_lr(steps: int, ramp: float = 0.5) -> float:
     """Default gate learning rate: 3e-3, raised for short runs so gates can reach their decisions.
 
     Adam moves a gate logit by about one learning rate per step whatever the penalty strength,
@@ -275,7 +275,7 @@ def gates_frozen(progress: float, freeze_gates: float | None) -> bool:
     return freeze_gates is not None and progress >= freeze_gates
 
 
-def noise_factor(progress: float, ramp: float = 0.25, end: float | None = None) -> float:
+def noise_factor(progress: float, ramp: float = 0.5, end: float | None = None) -> float:
     """Gate noise over training: full while the MAC target ramps down, then fading to zero by
     ``end`` (default: halfway from the end of the ramp to the last step), so that the
     gates settle, and training ends, on exactly the function eval computes."""
