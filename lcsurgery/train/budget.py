@@ -24,8 +24,8 @@ The target is approached gradually (as in gradual pruning, Zhu & Gupta 2017): it
 the dense cost to the budget over the first ``ramp`` fraction of training, then holds while the
 learning rate decays. Asking for the full budget from the first step makes the gates, which all
 start at the same value, cross zero together: the cost collapses far below the budget and the
-backbone has no time to adapt. Half of training is the default. A
-shorter ramp gives the backbone more time at the budget, and on the shared ResNet-20 (3 epochs,
+backbone has no time to adapt. Half of training is the default. A shorter ramp gives the
+backbone more time at the budget, and on the shared ResNet-20 (3 epochs,
 sequential, budget 0.5, backbone lr 0.03, distilling from a 3-epoch dense fine-tune; 2026-12-01)
 a quarter ended at 86.33% top-1 against 85.90% for a half, within what one seed can tell. But
 where a budget is met by skipping whole blocks (parallel 0.7 on the built-in shapes task) the
