@@ -60,9 +60,10 @@ class _Gates(nn.Module):
     def __init__(self, gated) -> None:
         super().__init__()
         self.l_net, self.c_net = copy.deepcopy(gated.l_net), copy.deepcopy(gated.c_net)
+        self.mean, self.scale = gated.input_mean.clone(), gated.input_scale.clone()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        p = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        p = (F.adaptive_avg_pool2d(x, 1).flatten(1) - self.mean) * self.scale
         return self.l_net(p).clamp(0, 1), self.c_net(p).clamp(0, 1)
 
 

@@ -314,17 +314,52 @@ def test_frozen_gates_stay_fixed_while_the_backbone_trains(tmp_path, monkeypatch
     saved = []
     real_save = loop._save
     monkeypatch.setattr(loop, "_save", lambda path, obj: (saved.append(copy.deepcopy(obj)) if path.name == "last.pt" else None, real_save(path, obj)))
-    cfg = FinetuneConfig(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=2, budget=0.5, budget_ramp=0.25, freeze_gates=0.5, placement="sequential", out=str(tmp_path / "run"))
+    cfg = FinetuneConfig(
+        model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=2, budget=0.5, budget_ramp=0.25,
+        freeze_gates=0.5, gate_input_momentum=0.1, placement="sequential", out=str(tmp_path / "run"),
+    )  # fmt: skip
     finetune(cfg)
     first, second = (s["model"] for s in saved)
     gate_keys = [k for k in first if k.startswith("lc_gates.")]
-    assert gate_keys and all(torch.equal(first[k], second[k]) for k in gate_keys)
+    assert gate_keys and all(torch.equal(first[k], second[k]) for k in gate_keys)  # input statistics included
+    assert all(int(first[k]) == 10 for k in gate_keys if k.endswith("input_batches"))  # the 10 batches before the freeze
     assert any(not torch.equal(first[k], second[k]) for k in first if k not in gate_keys and first[k].is_floating_point())
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert all(r["penalty_strength"] == 0.0 for r in steps if r["epoch"] == 2)
     assert any(r["penalty_strength"] != 0.0 for r in steps if r["epoch"] == 1)
     assert noise_factor(0.5, 0.35, 0.5) == 0.0 and noise_factor(0.35, 0.35, 0.5) == 1.0
     assert noise_factor(0.75, 0.5) == 0.0 and noise_factor(0.625, 0.5) == pytest.approx(0.5)  # no freeze: faded by 3/4
+
+
+def test_gate_input_statistics_track_training_batches_only():
+    """The first training batch sets the gates' input mean and 1 / std, later ones move them by the
+    momentum; eval leaves them; at zero gate weights (a fresh conversion) they change nothing."""
+    lc = lcsurgery.convert(original("cifar.resnet20"), "sequential")
+    for m in lc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0  # training-mode passes leave the backbone's running statistics as they are
+    block = lcsurgery.gated_blocks(lc)[3]
+    block.stats_momentum = 0.25
+    pooled = []
+    handle = block.register_forward_pre_hook(lambda m, a: pooled.append(a[0].mean((2, 3))))
+    x1, x2 = example("cifar.resnet20", batch=8, seed=1), example("cifar.resnet20", batch=8, seed=2)
+    with torch.no_grad():
+        dense = lc.eval()(x1)
+        lc.train()(x1)
+        assert torch.allclose(block.input_mean, pooled[-1].mean(0)) and int(block.input_batches) == 1
+        assert torch.allclose(block.input_scale, (pooled[-1].var(0, unbiased=False) + 1e-5).rsqrt())
+        mean, scale = block.input_mean.clone(), block.input_scale.clone()
+        lc(x2)
+        assert torch.allclose(block.input_mean, 0.75 * mean + 0.25 * pooled[-1].mean(0))
+        assert torch.allclose(block.input_scale, 0.75 * scale + 0.25 * (pooled[-1].var(0, unbiased=False) + 1e-5).rsqrt())
+        state = block.input_mean.clone()
+        assert torch.equal(lc.eval()(x1), dense)  # zero weights: every gate open whatever the statistics
+        assert torch.equal(block.input_mean, state)
+        block.l_net.weight.normal_()
+        z_l, _ = block.gate_logits(pooled[-1])
+        standardised = (pooled[-1] - block.input_mean) * block.input_scale
+        assert torch.allclose(z_l, standardised @ block.l_net.weight[0] + block.l_net.bias, atol=1e-5)
+    handle.remove()
 
 
 def test_calibration_images_are_training_images_without_augmentation():
@@ -344,6 +379,8 @@ def test_calibration_images_are_training_images_without_augmentation():
 def test_cost_gap_measures_both_modes_and_leaves_batchnorm_untouched():
     lc = lcsurgery.convert(original("cifar.resnet20"), "sequential")
     randomize_gates(lc, seed=0)
+    for b in lcsurgery.gated_blocks(lc):
+        b.stats_momentum = 0.1  # as while the gates learn: measuring must not move the gates' input statistics either
     loaders = make_loaders("synthetic:400", lc, 40, test_subset=100)
     before = {k: v.clone() for k, v in lc.state_dict().items()}
     eval_fraction, train_fraction = _cost_gap(lc, loaders, "sequential")

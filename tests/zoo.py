@@ -81,12 +81,17 @@ def example(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def randomize_gates(model: nn.Module, seed: int = 0, scale: float = 2.0) -> None:
-    """Input-dependent random gates: roughly half the blocks and channels on, varying per image."""
+    """Input-dependent random gates: roughly half the blocks and channels on, varying per image.
+
+    The gates' input statistics are random too, so that every comparison of two executions
+    also checks how each one applies them (the engine folds them into the gate weights)."""
     import lcsurgery
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for blk in lcsurgery.gated_blocks(model):
+            blk.input_mean.copy_(torch.randn(blk.input_mean.shape, generator=g) * 0.2)
+            blk.input_scale.copy_((torch.randn(blk.input_scale.shape, generator=g) * 0.25).exp())
             for lin in (blk.l_net, blk.c_net):
                 if lin is not None:
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * scale / lin.in_features**0.5)

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
     p.add_argument("--gate-optimizer", choices=("adam", "sgd"), default="adam", help="optimiser for the gates (the backbone uses SGD)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--slope", type=float, default=0.05, help="ReLU-1 gradient slope outside [0, 1] in training")
+    p.add_argument("--gate-input-momentum", type=float, default=0.0, help="standardise the gates' input by running statistics with this momentum (0: raw input)")
     p.add_argument("--gate-noise", type=float, default=0.2, help="scale of the logistic noise on gate logits in training (0: none)")
     p.add_argument("--freeze-gates", type=_share_or_auto, default="auto", help="share of training after which the gates stop learning and the penalty ends, so the backbone's last epochs train against fixed gates; the gate noise fades out by then (default: auto, halfway from the end of --budget-ramp to the last step: 0.75)")
     p.add_argument("--no-freeze-gates", dest="freeze_gates", action="store_const", const=None, help="the gates learn to the last step (the gate noise still fades out halfway from the end of --budget-ramp to the last step)")

@@ -120,11 +120,13 @@ class BlockPlan:
     def __init__(self, block: GatedBlock) -> None:
         root, p, cd = block.root, block.pieces, block.channel_dim
         self.block = block
-        self.gate_tensors = [t for lin in (block.l_net, block.c_net) if lin is not None for t in lin.parameters()]
-        self.versions = [t._version for t in self.gate_tensors]
         lins = [lin for lin in (block.l_net, block.c_net) if lin is not None]
-        self.gate_weight = torch.cat([lin.weight.detach() for lin in lins]).t().contiguous()
-        self.gate_bias = torch.cat([lin.bias.detach() for lin in lins])
+        self.gate_tensors = [t for lin in lins for t in lin.parameters()] + [block.input_mean, block.input_scale]
+        self.versions = [t._version for t in self.gate_tensors]
+        # the input standardisation folded into the gate layers: W (p - mean) * scale + b
+        weight = torch.cat([lin.weight.detach() for lin in lins]) * block.input_scale
+        self.gate_weight = weight.t().contiguous()
+        self.gate_bias = torch.cat([lin.bias.detach() for lin in lins]) - weight @ block.input_mean
         self.pool_area, self.pool_weight = 0, self.gate_weight  # gate weights / (H * W) for the last input size
         self.has_layer = block.l_net is not None
         self.has_channels = block.c_net is not None

@@ -92,6 +92,15 @@ class GatedBlock(nn.Module):
         self.execution = "skip"
         self.l_net = nn.Linear(info.in_channels, 1) if "layer" in info.gates else None
         self.c_net = nn.Linear(info.in_channels, info.gated_channels) if info.gated_channels else None
+        # With stats_momentum > 0 (--gate-input-momentum) the gates read the pooled input
+        # standardised by running statistics of the training batches, so their weights learn how
+        # one image differs from the others and the bias alone sets the typical gate (the skip
+        # engine folds the statistics into the gate weights). Zero and one, the state until a
+        # batch is tracked, leave the input as it is: the default.
+        self.register_buffer("input_mean", torch.zeros(info.in_channels))
+        self.register_buffer("input_scale", torch.ones(info.in_channels))
+        self.register_buffer("input_batches", torch.zeros((), dtype=torch.long))
+        self.stats_momentum = 0.0  # training only, set by the loop; 0 keeps the statistics fixed
         self.reset_gates()
         self.pieces = pieces
         self.root: nn.Module | None = None  # the converted model; set by LCModel, not registered
@@ -127,8 +136,19 @@ class GatedBlock(nn.Module):
     def gated_channels(self) -> int:
         return self.info.gated_channels
 
+    @torch.no_grad()
+    def track_input(self, pooled: Tensor) -> None:
+        """Move the gate input's running mean and scale towards this batch's (the first batch sets them)."""
+        mean = pooled.mean(0)
+        scale = pooled.var(0, unbiased=False).add(1e-5).rsqrt() if pooled.shape[0] > 1 else self.input_scale
+        m = 1.0 if int(self.input_batches) == 0 else self.stats_momentum
+        self.input_mean.lerp_(mean, m)
+        self.input_scale.lerp_(scale, m)
+        self.input_batches += 1
+
     def gate_logits(self, pooled: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Both gate logits from the shared global-average-pool of the block input."""
+        pooled = (pooled - self.input_mean) * self.input_scale
         z_l = self.l_net(pooled).squeeze(1) if self.l_net is not None else None
         z_c = self.c_net(pooled) if self.c_net is not None else None
         return z_l, z_c
@@ -152,6 +172,8 @@ class GatedBlock(nn.Module):
         # the first gates of a 20-epoch ResNet-20 run (backbone gradient norm 6 -> 3e6 in 80 steps,
         # largest in the stem, then NaN); detached, the same state trained on at a steady norm.
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1).detach()  # fvcore counts this op (gate costs under counting="fvcore")
+        if self.training and self.stats_momentum > 0:
+            self.track_input(pooled)
         z_l, z_c = self.gate_logits(pooled)
         if self.training and self.noise > 0:
             z_l, z_c = (None if z is None else z + self.noise * _logistic_like(z) for z in (z_l, z_c))

@@ -63,6 +63,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     slope: float = 0.05
+    gate_input_momentum: float = 0.0  # running-statistics momentum of the gates' standardised input (0: raw input)
     gate_noise: float = 0.2  # logistic noise on gate logits in training (see GatedBlock.noise)
     freeze_gates: float | str | None = "auto"  # share of training after which the gates stop learning; "auto": halfway from the ramp's end to the last step; None: never
     teacher: str | None = None  # distil from this dense model: "start" (the starting weights) or a weights file / run folder
@@ -337,6 +338,10 @@ def _cost_gap(model: nn.Module, loaders: Loaders, placement: str) -> tuple[float
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
     for m in norms:
         m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    blocks = lcsurgery.gated_blocks(model)
+    momenta = [b.stats_momentum for b in blocks]
+    for b in blocks:
+        b.stats_momentum = 0.0  # the gates' input statistics, likewise
     model.train()
     macs = []
     try:
@@ -344,6 +349,8 @@ def _cost_gap(model: nn.Module, loaders: Loaders, placement: str) -> tuple[float
             model(x)
             macs.append(lcsurgery.last_macs(model, placement).double())
     finally:
+        for b, momentum in zip(blocks, momenta):
+            b.stats_momentum = momentum
         for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
             if tracked is not None:
@@ -422,6 +429,8 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
             frozen = gates_frozen(progress, cfg.freeze_gates)
             if lc is not None:
                 _set_noise(lc, cfg.gate_noise * noise_factor(progress, cfg.budget_ramp, cfg.freeze_gates))
+                for block in lcsurgery.gated_blocks(lc):
+                    block.stats_momentum = 0.0 if frozen else cfg.gate_input_momentum
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             with torch.autocast(d.device.type, dtype=amp_dtype, enabled=cfg.amp):
                 logits = train_model(x)
