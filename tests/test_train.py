@@ -144,6 +144,25 @@ class TestBudgetController:
             BudgetController(bad)
 
 
+def test_cli_defaults_are_the_config_defaults():
+    """``lcsurgery finetune`` and ``FinetuneConfig`` agree on every default (one source: the config),
+    and the benchmark's parser takes them too without touching its own ``--out``."""
+    import argparse
+
+    from lcsurgery.cli import bench as bench_cli
+    from lcsurgery.cli import finetune as finetune_cli
+
+    p = argparse.ArgumentParser()
+    finetune_cli.add_arguments(p)
+    args = vars(p.parse_args(["--model", "cifar:resnet20"]))
+    assert FinetuneConfig(**{k: v for k, v in args.items() if k in FinetuneConfig.__dataclass_fields__}) == FinetuneConfig(model="cifar:resnet20")
+    assert set(FinetuneConfig.__dataclass_fields__) - set(args) == {"momentum"}  # the one option the CLI does not expose
+    b = argparse.ArgumentParser()
+    bench_cli.add_arguments(b)
+    tr = vars(b.parse_args(["tradeoff", "--model", "cifar:resnet20"]))
+    assert tr["out"] == "runs/tradeoff" and tr["lr"] == FinetuneConfig.lr and tr["budget_ramp"] == FinetuneConfig.budget_ramp
+
+
 class TestCliErrors:
     def _err(self, capsys, args) -> str:
         assert main(["finetune", *args]) == 2

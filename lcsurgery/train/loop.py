@@ -178,7 +178,7 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
     return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True) * t * t
 
 
-def auto_gate_lr(steps: int, ramp: float = 0.5) -> float:
+def auto_gate_lr(steps: int, ramp: float) -> float:
     """Default gate learning rate: 3e-3, raised for short runs so gates can reach their decisions.
 
     Adam moves a gate logit by about one learning rate per step whatever the penalty strength,
@@ -276,7 +276,7 @@ def gates_frozen(progress: float, freeze_gates: float | None) -> bool:
     return freeze_gates is not None and progress >= freeze_gates
 
 
-def noise_factor(progress: float, ramp: float = 0.5, end: float | None = None) -> float:
+def noise_factor(progress: float, ramp: float, end: float | None = None) -> float:
     """Gate noise over training: full while the MAC target ramps down, then fading to zero by
     ``end`` (default: halfway from the end of the ramp to the last step), so that the
     gates settle, and training ends, on exactly the function eval computes."""
