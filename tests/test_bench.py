@@ -105,3 +105,24 @@ def test_latency_benchmark_on_cuda_without_a_gpu_says_so(tmp_path):
     with pytest.raises(lcsurgery.LCSurgeryError, match="--device cuda: no CUDA device is visible"):
         latency.run(["cifar:resnet20"], [1], threads=1, rounds=7, warmup=1, out=tmp_path / "x.json", device="cuda")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_run_saved_without_gate_input_statistics_loads_with_identity_statistics(tmp_path):
+    """Runs trained before the gates' input statistics existed keep their function: ``load_run`` fills
+    the statistics with the identity (mean 0, scale 1) and loads every saved tensor."""
+    from lcsurgery.bench.compare import load_run
+    from lcsurgery.train.loop import FinetuneConfig, build_model
+
+    cfg = FinetuneConfig(model="cifar:resnet20", placement="sequential")
+    lc = build_model(cfg, 10)
+    randomize_gates(lc, seed=4)
+    old = {k: v for k, v in lc.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("input_")}
+    assert len(lc.state_dict()) - len(old) == 3 * 9
+    torch.save(old, tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.identity().items() if k != "gate_input_momentum"}))
+    loaded, _, classes = load_run(tmp_path)
+    assert classes == 10
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in old.items())
+    for block in lcsurgery.gated_blocks(loaded):
+        assert not block.input_mean.any() and torch.equal(block.input_scale, torch.ones_like(block.input_scale))

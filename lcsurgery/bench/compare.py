@@ -47,7 +47,7 @@ def load_run(run: Path) -> tuple[nn.Module, FinetuneConfig, int]:
     head = [v for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and not k.startswith("lc_gates.")]
     classes = head[-1].shape[0]
     model = build_model(FinetuneConfig(**{**asdict(cfg), "checkpoint": None, "pretrained": False}), classes)
-    model.load_state_dict(state)
+    lcsurgery.load_weights(model, state)  # runs saved before the gates' input statistics existed load with the identity statistics
     return model.eval(), cfg, classes
 
 

@@ -17,7 +17,6 @@ Prints a table and writes JSON. Not a test: numbers depend on the machine and it
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import statistics
@@ -231,7 +230,7 @@ def run(
         pats = dict(patterns)
         if trained and spec in trained:
             state = torch.load(Path(trained[spec]) / "model.pt", map_location="cpu", weights_only=True)
-            pats["trained"] = lambda lc, s=state: lc.load_state_dict(copy.deepcopy(s))
+            pats["trained"] = lambda lc, s=state: lcsurgery.load_weights(lc, s)
         rows += bench_model(spec, model, size, batches, pats, rounds, warmup, device)
         print(format_table([r for r in rows if r.model == spec]), flush=True)
     meta = {
