@@ -163,10 +163,25 @@ def test_cli_defaults_are_the_config_defaults():
     assert tr["out"] == "runs/tradeoff" and tr["lr"] == FinetuneConfig.lr and tr["budget_ramp"] == FinetuneConfig.budget_ramp
 
 
+@pytest.mark.parametrize("gates", ["layer", "channel"])
+def test_gates_option_builds_only_those_gates(gates):
+    lc = build_model(FinetuneConfig(model="cifar:resnet20", gates=gates), 10)
+    blocks = lcsurgery.gated_blocks(lc)
+    assert len(blocks) == 9
+    assert all((b.l_net is not None) == (gates == "layer") and (b.c_net is not None) == (gates == "channel") for b in blocks)
+
+
 class TestCliErrors:
     def _err(self, capsys, args) -> str:
         assert main(["finetune", *args]) == 2
         return capsys.readouterr().err
+
+    def test_unknown_gate_kind(self, capsys, tmp_path):
+        with pytest.raises(lcsurgery.LCSurgeryError, match="--gates must be one of layer\\+channel, layer, channel, got 'both'"):
+            FinetuneConfig(model="cifar:resnet20", gates="both")
+        with pytest.raises(SystemExit):
+            main(["finetune", "--model", "cifar:resnet20", "--gates", "both", "--out", str(tmp_path / "a")])
+        assert "invalid choice: 'both'" in capsys.readouterr().err
 
     def test_unknown_model_spec(self, capsys, tmp_path):
         assert "unknown model spec 'resnet99'" in self._err(capsys, ["--model", "resnet99", "--out", str(tmp_path / "a")])

@@ -14,7 +14,7 @@ import json
 import sys
 
 from lcsurgery.models.factory import SPEC_HELP
-from lcsurgery.train.loop import FinetuneConfig, finetune
+from lcsurgery.train.loop import GATE_KINDS, FinetuneConfig, finetune
 
 # One source for every default: the parser takes FinetuneConfig's, so a default changes in one place.
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
         add("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")
         add("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
         add("--force", action="store_true", help="overwrite a run already in --out")
+    add("--gates", choices=GATE_KINDS, help="gates per block: both (the default), layer (skip whole blocks only) or channel (skip channels only)")
     add("--budget-ramp", type=float, help="share of training over which the MAC target falls from dense to --budget")
     add("--penalty", choices=("macs", "l1"), help="macs: the hard MAC cost with surrogate gradients; l1: gate L1 (the paper's)")
     add("--no-cost-aware", dest="cost_aware", action="store_false", help="plain L1 instead of weighting gates by the MACs they control")

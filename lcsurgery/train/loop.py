@@ -38,6 +38,7 @@ from lcsurgery.train.regularize import gate_l1, macs_penalty
 RUN_FILES = ("config.json", "log.jsonl", "steps.jsonl", "last.pt", "model.pt", "metrics.json")
 STEP_LOG_EVERY = 10
 CALIBRATION_IMAGES = 1024  # training images per side of the budget controller's eval/training cost gap
+GATE_KINDS = ("layer+channel", "layer", "channel")
 _NOT_IDENTITY = {"out", "resume", "force", "workers"}  # may change between a run and its resumption
 
 
@@ -49,6 +50,7 @@ class FinetuneConfig:
     data: str = "synthetic"
     out: str = "runs/finetune"
     placement: str = "parallel"
+    gates: str = "layer+channel"  # which gates each block gets: "layer+channel", "layer" (skip blocks only) or "channel"
     dense: bool = False  # fine-tune the original model, no gates (the baseline)
     l1: float = 0.0  # penalty strength; with a budget, its initial value
     budget: float | None = None  # target fraction of dense MACs, adapts the penalty
@@ -81,6 +83,8 @@ class FinetuneConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.gates not in GATE_KINDS:
+            raise LCSurgeryError(f"--gates must be one of {', '.join(GATE_KINDS)}, got {self.gates!r}")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise LCSurgeryError(f"--budget is a fraction of the dense model's MACs and must be in (0, 1], got {self.budget}")
         if self.dense and (self.budget is not None or self.l1):
@@ -137,7 +141,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
         raise LCSurgeryError(f"could not fetch pretrained weights for {cfg.model} ({exc}); pass --checkpoint instead") from exc
     if not cfg.dense:
         size = cfg.size or _native_size(model)
-        model = lcsurgery.convert(model, cfg.placement, slope=cfg.slope, input_size=(3, size, size))
+        layers, channels = "layer" in cfg.gates, "channel" in cfg.gates
+        model = lcsurgery.convert(model, cfg.placement, layers=layers, channels=channels, slope=cfg.slope, input_size=(3, size, size))
     if cfg.checkpoint:
         result = load_weights(model, cfg.checkpoint, reinit_head=True)
         if result.reinitialised:
