@@ -141,7 +141,8 @@ class GatedBlock(nn.Module):
         """Move the gate input's running mean and scale towards this batch's (the first batch sets them)."""
         mean = pooled.mean(0)
         scale = pooled.var(0, unbiased=False).add(1e-5).rsqrt() if pooled.shape[0] > 1 else self.input_scale
-        m = 1.0 if int(self.input_batches) == 0 else self.stats_momentum
+        # a tensor, not a Python branch: reading input_batches would wait on the GPU every training step
+        m = torch.where(self.input_batches == 0, 1.0, self.stats_momentum).to(self.input_mean.dtype)
         self.input_mean.lerp_(mean, m)
         self.input_scale.lerp_(scale, m)
         self.input_batches += 1

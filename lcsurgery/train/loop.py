@@ -289,9 +289,11 @@ def noise_factor(progress: float, ramp: float, end: float | None = None) -> floa
     return min(max(1.0 - (progress - ramp) / (end - ramp), 0.0), 1.0)
 
 
-def _set_noise(model: nn.Module, scale: float) -> None:
+def _set_gate_training(model: nn.Module, noise: float, stats_momentum: float) -> None:
+    """This step's gate noise and input-statistics momentum, on every gated block."""
     for block in lcsurgery.gated_blocks(model):
-        block.noise = scale
+        block.noise = noise
+        block.stats_momentum = stats_momentum
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -433,9 +435,8 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
             progress = sched.last_epoch / steps
             frozen = gates_frozen(progress, cfg.freeze_gates)
             if lc is not None:
-                _set_noise(lc, cfg.gate_noise * noise_factor(progress, cfg.budget_ramp, cfg.freeze_gates))
-                for block in lcsurgery.gated_blocks(lc):
-                    block.stats_momentum = 0.0 if frozen else cfg.gate_input_momentum
+                noise = cfg.gate_noise * noise_factor(progress, cfg.budget_ramp, cfg.freeze_gates)
+                _set_gate_training(lc, noise, 0.0 if frozen else cfg.gate_input_momentum)
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             with torch.autocast(d.device.type, dtype=amp_dtype, enabled=cfg.amp):
                 logits = train_model(x)
