@@ -14,7 +14,7 @@ import json
 import sys
 
 from lcsurgery.models.factory import SPEC_HELP
-from lcsurgery.train.loop import GATE_KINDS, FinetuneConfig, finetune
+from lcsurgery.train.loop import GATE_KINDS, PER_IMAGE_LOSSES, FinetuneConfig, finetune
 
 # One source for every default: the parser takes FinetuneConfig's, so a default changes in one place.
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
@@ -34,11 +34,14 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
         add("--out", help="run folder: config, log.jsonl, last.pt, model.pt, metrics.json")
         add("--placement", choices=("parallel", "sequential"), help="the schedule MACs are accounted (and budgeted) for")
         add("--dense", action="store_true", help="fine-tune the original model without gates (the baseline)")
+        add("--static", action="store_true", help="gates that ignore the input (bias only): one learned mask of blocks and channels for every image, the static baseline")
         add("--l1", type=float, help="strength of the gate L1 penalty (with --budget: its starting value)")
         add("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")
         add("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
         add("--force", action="store_true", help="overwrite a run already in --out")
     add("--gates", choices=GATE_KINDS, help="gates per block: both (the default), layer (skip whole blocks only) or channel (skip channels only)")
+    add("--per-image-loss", choices=PER_IMAGE_LOSSES, help="what makes the gates decide per image: importance (targets from activation mass), shaping (batch-shaping), rates (per-gate rate bounds), or none")
+    add("--per-image-weight", type=float, help="weight of --per-image-loss in the loss")
     add("--budget-ramp", type=float, help="share of training over which the MAC target falls from dense to --budget")
     add("--penalty", choices=("macs", "l1"), help="macs: the hard MAC cost with surrogate gradients; l1: gate L1 (the paper's)")
     add("--no-cost-aware", dest="cost_aware", action="store_false", help="plain L1 instead of weighting gates by the MACs they control")

@@ -50,6 +50,10 @@ class GateState:
     s_l: Tensor | None
     s_c: Tensor | None
     pooled: Tensor | None = None  # [B, C_in] gate input (detached), kept in training for the penalty
+    # Training only, detached: how much each image needs the block and each gated channel, read by
+    # the importance-target loss (``lcsurgery.train.conditional``).
+    channel_mass: Tensor | None = None  # [B, C] mean |activation| of each gated channel before gating
+    residual_ratio: Tensor | None = None  # [B] mean |branch output| / mean |shortcut output|
 
     @property
     def batch(self) -> int:
@@ -79,6 +83,7 @@ class GatedBlock(nn.Module):
         placement: str,
         relu1_mode: str = "straight_through",
         noise: float = 0.0,
+        static: bool = False,
     ) -> None:
         super().__init__()
         self.noise = noise  # training only: logistic noise on the gate logits, so gates near 0 flip
@@ -101,7 +106,12 @@ class GatedBlock(nn.Module):
         self.register_buffer("input_scale", torch.ones(info.in_channels))
         self.register_buffer("input_batches", torch.zeros((), dtype=torch.long))
         self.stats_momentum = 0.0  # training only, set by the loop; 0 keeps the statistics fixed
+        self.static = static  # gates that ignore the input (bias only): a learned static mask, the baseline
         self.reset_gates()
+        if static:
+            for lin in (self.l_net, self.c_net):
+                if lin is not None:
+                    lin.weight.requires_grad_(False)
         self.pieces = pieces
         self.root: nn.Module | None = None  # the converted model; set by LCModel, not registered
         self.last: GateState | None = None
@@ -149,7 +159,10 @@ class GatedBlock(nn.Module):
 
     def gate_logits(self, pooled: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Both gate logits from the shared global-average-pool of the block input."""
-        pooled = (pooled - self.input_mean) * self.input_scale
+        if self.static:
+            pooled = torch.zeros_like(pooled)  # the bias alone decides, whatever the image
+        else:
+            pooled = (pooled - self.input_mean) * self.input_scale
         z_l = self.l_net(pooled).squeeze(1) if self.l_net is not None else None
         z_c = self.c_net(pooled) if self.c_net is not None else None
         return z_l, z_c
@@ -194,9 +207,14 @@ class GatedBlock(nn.Module):
         else:
             h = _run(p["pre"], root, x)
             h = _run(p["mid"], root, p["first"](root, h))
+            if self.training:
+                dims = (2, 3) if self.channel_dim == 1 else (1, 2)
+                self.last.channel_mass = h.detach().abs().mean(dims)
             h = h * self.channel_view(s_c)
             h = _run(p["post"], root, p["next"](root, _run(p["between"], root, h)))
         shortcut = _run(p["shortcut"], root, x)
+        if self.training:
+            self.last.residual_ratio = _mean_abs(h) / _mean_abs(shortcut).clamp_min(1e-12)
         if s_l is None:
             return shortcut + h
         return shortcut + h * s_l[:, None, None, None]
@@ -207,6 +225,11 @@ class GatedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, gates={self.info.gates}, in={self.info.in_channels}, gated_channels={self.gated_channels}, placement={self.placement}"
+
+
+def _mean_abs(t: Tensor) -> Tensor:
+    """[B] mean absolute value of each sample (detached)."""
+    return t.detach().abs().flatten(1).mean(1)
 
 
 def _logistic_like(z: Tensor) -> Tensor:

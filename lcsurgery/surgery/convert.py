@@ -53,6 +53,7 @@ def convert(
     relu1_mode: str = "straight_through",
     leaf_modules: Sequence[str | type] = (),
     input_size: tuple[int, int, int] | None = None,
+    static: bool = False,
 ) -> LCModel:
     """Return a copy of ``model`` with LC-Net gates on every residual block; ``model`` is untouched.
 
@@ -66,6 +67,9 @@ def convert(
             the gradient leaks) or ``"leaky"`` (the forward value leaks too, as in the paper).
         leaf_modules: module paths or classes that tracing must not enter.
         input_size: (C, H, W) of an example input used to read channel counts.
+        static: gates that ignore the input (a learned bias each): fine-tuned, they learn one
+            mask of blocks and channels for every image, the static-pruning baseline against
+            which per-input gating is measured.
 
     At initialisation every gate is 1, so in eval mode the result computes what ``model`` does.
     """
@@ -80,9 +84,9 @@ def convert(
     graph, specs, rejected = _analyse(root, leaf_modules, input_size, BlockOptions(layers, channels, tuple(exclude)))
     if not specs:
         raise _no_blocks_error(model, rejected)
-    blocks = [_make_block(spec, root, slope, placement, relu1_mode) for spec in specs]
+    blocks = [_make_block(spec, root, slope, placement, relu1_mode, static) for spec in specs]
     config = dict(
-        placement=placement, layers=layers, channels=channels, exclude=list(exclude), slope=slope, relu1_mode=relu1_mode, input_size=input_size,
+        placement=placement, layers=layers, channels=channels, exclude=list(exclude), slope=slope, relu1_mode=relu1_mode, input_size=input_size, static=static,
         leaf_modules=[m if isinstance(m, str) else m.__qualname__ for m in leaf_modules],
     )  # fmt: skip
     lc = LCModel(root, _rewrite(graph, specs), blocks, config)
@@ -180,7 +184,7 @@ def _info(spec: BlockSpec, root: nn.Module) -> BlockInfo:
     )
 
 
-def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str, relu1_mode: str) -> GatedBlock:
+def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str, relu1_mode: str, static: bool) -> GatedBlock:
     key = sanitize(spec.name)
     pieces = {"shortcut": outline(spec.shortcut, spec.input, spec.shortcut_out, root, f"{key}_shortcut")}
     c = spec.channel
@@ -197,7 +201,7 @@ def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str, 
             post=outline(spec.post, c.next, spec.branch_out, root, f"{key}_post"),
         )
     channel_dim = c.channel_dim if c else 1
-    block = GatedBlock(_info(spec, root), pieces, channel_dim, slope, placement, relu1_mode)
+    block = GatedBlock(_info(spec, root), pieces, channel_dim, slope, placement, relu1_mode, static=static)
     p = next(root.parameters(), None)
     return block.to(p.device, p.dtype) if p is not None else block
 

@@ -32,6 +32,8 @@ from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.train import distributed
 from lcsurgery.train.budget import BudgetController
+from lcsurgery.train.conditional import KINDS as PER_IMAGE_LOSSES
+from lcsurgery.train.conditional import conditional_loss
 from lcsurgery.train.optim import param_groups
 from lcsurgery.train.regularize import gate_l1, macs_penalty
 
@@ -52,6 +54,9 @@ class FinetuneConfig:
     placement: str = "parallel"
     gates: str = "layer+channel"  # which gates each block gets: "layer+channel", "layer" (skip blocks only) or "channel"
     dense: bool = False  # fine-tune the original model, no gates (the baseline)
+    static: bool = False  # gates that ignore the input (bias only): one learned mask for every image, the static baseline
+    per_image_loss: str = "none"  # what makes gates decide per image: none, importance, shaping or rates (lcsurgery.train.conditional)
+    per_image_weight: float = 1.0  # its weight in the loss (batch-shaping fades out over the MAC ramp)
     l1: float = 0.0  # penalty strength; with a budget, its initial value
     budget: float | None = None  # target fraction of dense MACs, adapts the penalty
     budget_ramp: float = 0.5  # share of training over which the MAC target falls from dense to the budget
@@ -83,6 +88,10 @@ class FinetuneConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.per_image_loss not in PER_IMAGE_LOSSES:
+            raise LCSurgeryError(f"--per-image-loss must be one of {', '.join(PER_IMAGE_LOSSES)}, got {self.per_image_loss!r}")
+        if self.static and self.per_image_loss != "none":
+            raise LCSurgeryError("--static gates read no input, so they cannot learn per-image decisions: drop --per-image-loss")
         if self.gates not in GATE_KINDS:
             raise LCSurgeryError(f"--gates must be one of {', '.join(GATE_KINDS)}, got {self.gates!r}")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
@@ -142,7 +151,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     if not cfg.dense:
         size = cfg.size or _native_size(model)
         layers, channels = "layer" in cfg.gates, "channel" in cfg.gates
-        model = lcsurgery.convert(model, cfg.placement, layers=layers, channels=channels, slope=cfg.slope, input_size=(3, size, size))
+        model = lcsurgery.convert(model, cfg.placement, layers=layers, channels=channels, slope=cfg.slope, input_size=(3, size, size), static=cfg.static)
     if cfg.checkpoint:
         result = load_weights(model, cfg.checkpoint, reinit_head=True)
         if result.reinitialised:
@@ -456,6 +465,9 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist) -> dict:
                 if strength:
                     penalty = macs_penalty(lc) if cfg.penalty == "macs" else gate_l1(lc, cost_aware=cfg.cost_aware)
                     loss = loss + strength * penalty
+                weight = cfg.per_image_weight * (max(1.0 - progress / cfg.budget_ramp, 0.0) if cfg.per_image_loss == "shaping" else 1.0)
+                if not frozen and weight > 0 and cfg.per_image_loss != "none":
+                    loss = loss + weight * conditional_loss(lc, cfg.per_image_loss)
                 info = {"macs": f"{frac:.3f}", "penalty": "frozen" if frozen else f"{strength:.3g}"}
             loss_value = d.mean(loss.item())  # the same on every rank, so all of them stop together
             if not math.isfinite(loss_value):
