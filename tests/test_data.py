@@ -12,7 +12,8 @@ from PIL import Image
 
 import lcsurgery
 from lcsurgery.data.loaders import ArrayLoader, _augment, _augment_draws, make_loaders, normalization
-from lcsurgery.data.sources import ArrayDataset, load_arrays
+from lcsurgery.data.arrays import ArrayDataset
+from lcsurgery.data.sources import load_arrays
 from lcsurgery.data.synthetic import CLASSES, make_synthetic
 from lcsurgery.models.cifar_resnet import resnet20
 

@@ -24,7 +24,8 @@ import lcsurgery
 from lcsurgery.data.loaders import make_loaders
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.models.factory import create_model
-from lcsurgery.train.loop import FinetuneConfig, build_model
+from lcsurgery.train.config import FinetuneConfig
+from lcsurgery.train.run_folder import load_run
 
 
 @dataclass
@@ -35,20 +36,6 @@ class CompareRow:
     mac_reduction: float  # dense MACs / these MACs
     latency_ms: dict  # batch size -> median ms per batch
     speedup: dict  # batch size -> dense latency / this latency
-
-
-def load_run(run: Path) -> tuple[nn.Module, FinetuneConfig, int]:
-    """The trained model of a ``lcsurgery finetune`` run folder, its config and its number of classes."""
-    if not (run / "model.pt").exists():
-        raise LCSurgeryError(f"{run} holds no finished run (model.pt missing): run lcsurgery finetune first")
-    saved = json.loads((run / "config.json").read_text())
-    cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k in FinetuneConfig.__dataclass_fields__}, out=str(run))
-    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-    head = [v for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and not k.startswith("lc_gates.")]
-    classes = head[-1].shape[0]
-    model = build_model(FinetuneConfig(**{**asdict(cfg), "checkpoint": None, "pretrained": False}), classes)
-    lcsurgery.load_weights(model, state)  # runs saved before the gates' input statistics existed load with the identity statistics
-    return model.eval(), cfg, classes
 
 
 def _accuracy_and_predictions(model: nn.Module, loader) -> tuple[float, torch.Tensor]:

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.train.loop import FinetuneConfig, finetune
+from lcsurgery.train.config import FinetuneConfig
+from lcsurgery.train.loop import finetune
 
 
 def _runs(base: FinetuneConfig, budgets: list[float], out: Path) -> list[tuple[str, FinetuneConfig]]:

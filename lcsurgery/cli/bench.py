@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lcsurgery.bench import kernels, latency, tradeoff
 from lcsurgery.cli import finetune
-from lcsurgery.train.loop import FinetuneConfig
+from lcsurgery.train.config import FinetuneConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from lcsurgery.bench.compare import compare
 from lcsurgery.cli.figures import make_figures
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.models.factory import create_model
-from lcsurgery.train.loop import FinetuneConfig
+from lcsurgery.train.config import FinetuneConfig
 
 DEFAULT_DATA = "synthetic:6000"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import lcsurgery
-from lcsurgery.bench.compare import load_run
+from lcsurgery.train.run_folder import load_run
 from lcsurgery.cli.compare import add_run_arguments
 from lcsurgery.data.loaders import make_loaders, normalization
 from lcsurgery.viz import figures

@@ -14,7 +14,9 @@ import json
 import sys
 
 from lcsurgery.models.factory import SPEC_HELP
-from lcsurgery.train.loop import GATE_KINDS, PER_IMAGE_LOSSES, FinetuneConfig, finetune
+from lcsurgery.train.conditional import KINDS as PER_IMAGE_LOSSES
+from lcsurgery.train.config import GATE_KINDS, FinetuneConfig
+from lcsurgery.train.loop import finetune
 
 # One source for every default: the parser takes FinetuneConfig's, so a default changes in one place.
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lcsurgery.data.sources import ArrayDataset, is_small_tree, load_arrays
+from lcsurgery.data.arrays import ArrayDataset
+from lcsurgery.data.sources import is_small_tree, load_arrays
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

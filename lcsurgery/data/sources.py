@@ -20,7 +20,6 @@ import io
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,38 +28,13 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lcsurgery.data.arrays import ArrayDataset
+from lcsurgery.data.synthetic import make_synthetic
 from lcsurgery.errors import LCSurgeryError
 
 SPLIT_NAMES = {"train": ("train",), "test": ("test", "val", "validation")}
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _SMALL = 64  # images up to this size are decoded into memory
-
-
-@dataclass
-class ArrayDataset:
-    """Decoded images: uint8 [N, 3, H, W], labels int64 [N], class names."""
-
-    images: Tensor
-    labels: Tensor
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, n: int | None) -> ArrayDataset:
-        """The first ``n`` images of every class in turn (a balanced prefix), or all."""
-        if n is None or n >= len(self):
-            return self
-        order = torch.argsort(_rank_within_class(self.labels), stable=True)[:n]
-        return ArrayDataset(self.images[order], self.labels[order], self.classes)
-
-
-def _rank_within_class(labels: Tensor) -> Tensor:
-    rank = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        rank[idx] = torch.arange(len(idx))
-    return rank
 
 
 def cache_dir() -> Path:
@@ -171,8 +145,6 @@ def load_arrays(spec: str, split: str) -> ArrayDataset:
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from lcsurgery.data.synthetic import make_synthetic
-
         n = int(spec.partition(":")[2] or 10_000)
         return make_synthetic(n if split == "train" else max(n // 5, 100), seed=0 if split == "train" else 1)
     kind, sep, rest = spec.partition(":")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lcsurgery.data.sources import ArrayDataset
+from lcsurgery.data.arrays import ArrayDataset
 
 CLASSES = ["disc", "ring", "square", "frame", "triangle", "plus", "cross", "hstripes", "vstripes", "diamond"]
 SIZE = 32

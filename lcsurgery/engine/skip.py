@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lcsurgery.engine.ops import ActOp, AffineOp, ConvOp, GraphOp, Op, lower_chain
 from lcsurgery.fx.outline import Piece
-from lcsurgery.surgery.block import GatedBlock, GateState
+from lcsurgery.engine.state import GateState
 
 CACHE_SIZE = 64  # sliced-weight sets kept per block (one per distinct active-channel pattern)
 
@@ -117,7 +117,8 @@ class _Sliced:
 class BlockPlan:
     """Eval-time schedule of one gated block, with BatchNorm folded into the convs."""
 
-    def __init__(self, block: GatedBlock) -> None:
+    def __init__(self, block: nn.Module) -> None:
+        """``block``: a ``lcsurgery.GatedBlock`` (its pieces, gate layers, placement and ``last`` record)."""
         root, p, cd = block.root, block.pieces, block.channel_dim
         self.block = block
         lins = [lin for lin in (block.l_net, block.c_net) if lin is not None]

@@ -83,7 +83,7 @@ class LeafTracer(fx.Tracer):
 
 
 @contextlib.contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
     """Temporarily put every submodule in one mode, restoring each one's own flag after."""
     flags = [(m, m.training) for m in model.modules()]
     model.train(training)
@@ -200,9 +200,9 @@ def trace(
         raise TraceError(f"leaf_modules names {unknown} that are not submodules of {type(model).__name__}")
     auto: set[str] = set()
     for _ in range(max_rounds):
-        with _mode(model, True):
+        with training_mode(model, True):
             g_train = _trace_once(model, leaf_types, leaf_names | auto)
-        with _mode(model, False):
+        with training_mode(model, False):
             g_eval = _trace_once(model, leaf_types, leaf_names | auto)
         new = _structurally_different_modules(g_train, g_eval) - auto
         if not new and _wire_training_flags(g_train, g_eval):

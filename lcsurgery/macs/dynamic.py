@@ -15,19 +15,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.macs.report import BlockMacs, MacReport
-from lcsurgery.macs.static import StaticCosts, static_costs
+from lcsurgery.macs.report import MacReport, build_report, per_sample_macs
+from lcsurgery.macs.static import static_costs
 from lcsurgery.surgery.model import LCModel, check_placement, unwrap
-
-
-def per_sample_macs(costs: StaticCosts, keep: Tensor, active: Tensor, placement: str) -> Tensor:
-    """int64 [N] MACs from hard decisions: ``keep`` bool [N, blocks], ``active`` int [N, blocks]."""
-    check_placement(placement)
-    device = keep.device
-    fixed = torch.tensor([b.fixed(placement) for b in costs.blocks], dtype=torch.int64, device=device)
-    unit = torch.tensor([b.per_channel(placement) for b in costs.blocks], dtype=torch.int64, device=device)
-    always = costs.base + sum(b.gate + b.shortcut for b in costs.blocks)
-    return always + (keep.long() * (fixed + active.long() * unit)).sum(1)
 
 
 def _decisions(lc: LCModel) -> tuple[Tensor, Tensor]:
@@ -140,38 +130,4 @@ def count_macs(
         labels=torch.cat(labels) if labels and len(labels) == len(keeps) else None,
         predictions=torch.cat(preds) if preds and len(preds) == len(keeps) else None,
         masks={k: torch.cat(v) for k, v in masks.items() if v} if masks is not None else None,
-    )
-
-
-def build_report(
-    costs: StaticCosts,
-    keep: Tensor,
-    active: Tensor,
-    placement: str,
-    labels: Tensor | None = None,
-    predictions: Tensor | None = None,
-    masks: dict[str, Tensor] | None = None,
-) -> MacReport:
-    """A report from hard decisions (``keep`` bool [N, blocks], ``active`` int [N, blocks])."""
-    per_sample = per_sample_macs(costs, keep, active, placement)
-    by_block = {}
-    for j, c in enumerate(costs.blocks):
-        k = keep[:, j]
-        mean = c.gate + c.shortcut + (k.long() * (c.fixed(placement) + active[:, j] * c.per_channel(placement))).double().mean()
-        frac = (active[k, j].double() / c.channels).mean() if c.channels and k.any() else torch.tensor(float("nan"))
-        by_block[c.name] = BlockMacs(c.name, c.dense, c.gate, float(mean), float(1 - k.double().mean()), float(frac))
-    return MacReport(
-        per_sample=per_sample,
-        dense=costs.dense,
-        open=costs.open,
-        placement=placement,
-        counting=costs.counting,
-        input_size=costs.input_size,
-        by_block=by_block,
-        keep=keep,
-        active=active,
-        labels=labels,
-        predictions=predictions,
-        masks=masks,
-        costs=costs,
     )

@@ -1,4 +1,5 @@
-"""``MacReport``: dense vs dynamic MACs per image, per block, with a readable summary table."""
+"""``MacReport``: dense vs dynamic MACs per image, per block, with a readable summary table,
+and how it is built from hard gate decisions and the static costs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from lcsurgery.macs.static import StaticCosts
+from lcsurgery.surgery.model import check_placement
 
 
 def format_macs(n: float) -> str:
@@ -49,7 +53,7 @@ class MacReport:
     labels: Tensor | None = None  # [N] when the counted data carried labels
     predictions: Tensor | None = None  # [N] argmax of the model's output, for classifiers
     masks: dict[str, Tensor] | None = field(default=None, repr=False)  # name -> bool [N, C], if asked for
-    costs: object = field(default=None, repr=False)  # the StaticCosts behind the numbers
+    costs: StaticCosts | None = field(default=None, repr=False)  # the static costs behind the numbers
 
     @property
     def accuracy(self) -> float | None:
@@ -70,8 +74,6 @@ class MacReport:
 
     def with_placement(self, placement: str) -> MacReport:
         """The same images and gate decisions accounted under the other schedule (no new forward)."""
-        from lcsurgery.macs.dynamic import build_report
-
         return build_report(self.costs, self.keep, self.active, placement, self.labels, self.predictions, self.masks)
 
     def summary(self) -> str:
@@ -100,3 +102,47 @@ class MacReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def per_sample_macs(costs: StaticCosts, keep: Tensor, active: Tensor, placement: str) -> Tensor:
+    """int64 [N] MACs from hard decisions: ``keep`` bool [N, blocks], ``active`` int [N, blocks]."""
+    check_placement(placement)
+    device = keep.device
+    fixed = torch.tensor([b.fixed(placement) for b in costs.blocks], dtype=torch.int64, device=device)
+    unit = torch.tensor([b.per_channel(placement) for b in costs.blocks], dtype=torch.int64, device=device)
+    always = costs.base + sum(b.gate + b.shortcut for b in costs.blocks)
+    return always + (keep.long() * (fixed + active.long() * unit)).sum(1)
+
+
+def build_report(
+    costs: StaticCosts,
+    keep: Tensor,
+    active: Tensor,
+    placement: str,
+    labels: Tensor | None = None,
+    predictions: Tensor | None = None,
+    masks: dict[str, Tensor] | None = None,
+) -> MacReport:
+    """A report from hard decisions (``keep`` bool [N, blocks], ``active`` int [N, blocks])."""
+    per_sample = per_sample_macs(costs, keep, active, placement)
+    by_block = {}
+    for j, c in enumerate(costs.blocks):
+        k = keep[:, j]
+        mean = c.gate + c.shortcut + (k.long() * (c.fixed(placement) + active[:, j] * c.per_channel(placement))).double().mean()
+        frac = (active[k, j].double() / c.channels).mean() if c.channels and k.any() else torch.tensor(float("nan"))
+        by_block[c.name] = BlockMacs(c.name, c.dense, c.gate, float(mean), float(1 - k.double().mean()), float(frac))
+    return MacReport(
+        per_sample=per_sample,
+        dense=costs.dense,
+        open=costs.open,
+        placement=placement,
+        counting=costs.counting,
+        input_size=costs.input_size,
+        by_block=by_block,
+        keep=keep,
+        active=active,
+        labels=labels,
+        predictions=predictions,
+        masks=masks,
+        costs=costs,
+    )

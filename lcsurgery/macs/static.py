@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.fx.tracer import _mode
+from lcsurgery.fx.tracer import training_mode
 from lcsurgery.surgery.block import GatedBlock
 from lcsurgery.surgery.model import LCModel
 
@@ -135,7 +135,7 @@ def _probing(lc: LCModel) -> Iterator[None]:
     """Eval mode, masked execution, no grad; gate records of the latest real forward restored after."""
     saved = [(b, b.last, b.execution) for b in lc.lc_blocks()]
     try:
-        with _mode(lc, False), torch.no_grad():
+        with training_mode(lc, False), torch.no_grad():
             for b in lc.lc_blocks():
                 b.execution = "masked"
             yield

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lcsurgery.engine.skip import BlockPlan
+from lcsurgery.engine.state import GateState
 from lcsurgery.fx.outline import Piece
 from lcsurgery.layers.relu1 import relu1
 
@@ -35,40 +37,6 @@ class BlockInfo:
     next_conv: str | None
     gates: str  # "layer+channel", "layer" or "channel"
     note: str = ""
-
-
-@dataclass
-class GateState:
-    """Gate values of the latest forward pass of one block.
-
-    ``z_*`` are the gate logits (before ReLU-1); a gate is *on* in eval exactly when its logit is
-    positive. ``s_*`` are the values the forward used (soft and differentiable in training).
-    """
-
-    z_l: Tensor | None  # [B]
-    z_c: Tensor | None  # [B, C]
-    s_l: Tensor | None
-    s_c: Tensor | None
-    pooled: Tensor | None = None  # [B, C_in] gate input (detached), kept in training for the penalty
-    # Training only, detached: how much each image needs the block and each gated channel, read by
-    # the importance-target loss (``lcsurgery.train.conditional``).
-    channel_mass: Tensor | None = None  # [B, C] mean |activation| of each gated channel before gating
-    residual_ratio: Tensor | None = None  # [B] mean |branch output| / mean |shortcut output|
-
-    @property
-    def batch(self) -> int:
-        z = self.z_l if self.z_l is not None else self.z_c
-        return z.shape[0]
-
-    def keep(self) -> Tensor:
-        """[B] bool: whether the block runs for each sample under hard gates."""
-        if self.z_l is None:
-            return torch.ones(self.batch, dtype=torch.bool, device=self.z_c.device)
-        return self.z_l > 0
-
-    def active(self) -> Tensor | None:
-        """[B, C] bool: the gated channels each sample computes under hard gates (None: no C-Net)."""
-        return None if self.z_c is None else self.z_c > 0
 
 
 class GatedBlock(nn.Module):
@@ -106,6 +74,7 @@ class GatedBlock(nn.Module):
         self.register_buffer("input_scale", torch.ones(info.in_channels))
         self.register_buffer("input_batches", torch.zeros((), dtype=torch.long))
         self.stats_momentum = 0.0  # training only, set by the loop; 0 keeps the statistics fixed
+        self.weights_from_targets = False  # training only, set by the loop (see gate_logits)
         self.static = static  # gates that ignore the input (bias only): a learned static mask, the baseline
         self.reset_gates()
         if static:
@@ -157,15 +126,26 @@ class GatedBlock(nn.Module):
         self.input_scale.lerp_(scale, m)
         self.input_batches += 1
 
-    def gate_logits(self, pooled: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Both gate logits from the shared global-average-pool of the block input."""
+    def gate_logits(self, pooled: Tensor, *, weights: bool = True) -> tuple[Tensor | None, Tensor | None]:
+        """Both gate logits from the shared global-average-pool of the block input.
+
+        ``weights=False`` sends no gradient to the gate weights (only to the biases): with
+        ``weights_from_targets`` set, the task loss and the MAC penalty move only the biases, and
+        the weights learn from per-image targets alone (``lcsurgery.train.conditional``).
+        """
         if self.static:
             pooled = torch.zeros_like(pooled)  # the bias alone decides, whatever the image
         else:
             pooled = (pooled - self.input_mean) * self.input_scale
-        z_l = self.l_net(pooled).squeeze(1) if self.l_net is not None else None
-        z_c = self.c_net(pooled) if self.c_net is not None else None
-        return z_l, z_c
+        out = []
+        for lin in (self.l_net, self.c_net):
+            if lin is None:
+                out.append(None)
+                continue
+            w = lin.weight if weights else lin.weight.detach()
+            out.append(F.linear(pooled, w, lin.bias))
+        z_l, z_c = out
+        return (None if z_l is None else z_l.squeeze(1)), z_c
 
     def forward(self, x: Tensor) -> Tensor:
         # Real skipping needs eval mode without autograd (gradients must reach every parameter,
@@ -174,8 +154,6 @@ class GatedBlock(nn.Module):
             return self.masked_forward(x)
         plan = self.engine
         if plan is None or not plan.valid():  # first eval call, or gate weights changed in place
-            from lcsurgery.engine.skip import BlockPlan  # here, not at the top: the engine imports this module
-
             plan = self.engine = BlockPlan(self)
         return plan(x)
 
@@ -188,7 +166,7 @@ class GatedBlock(nn.Module):
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1).detach()  # fvcore counts this op (gate costs under counting="fvcore")
         if self.training and self.stats_momentum > 0:
             self.track_input(pooled)
-        z_l, z_c = self.gate_logits(pooled)
+        z_l, z_c = self.gate_logits(pooled, weights=not self.weights_from_targets)
         if self.training and self.noise > 0:
             z_l, z_c = (None if z is None else z + self.noise * _logistic_like(z) for z in (z_l, z_c))
         slope = self.slope if self.training else 0.0

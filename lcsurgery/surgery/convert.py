@@ -13,7 +13,7 @@ from lcsurgery.errors import LCSurgeryError, NoResidualBlocksError
 from lcsurgery.fx.blocks import BlockOptions, BlockSpec, Rejected, find_residual_blocks, sanitize
 from lcsurgery.fx.graph import data_nodes
 from lcsurgery.fx.outline import outline
-from lcsurgery.fx.tracer import _mode, trace
+from lcsurgery.fx.tracer import trace, training_mode
 from lcsurgery.layers.relu1 import MODES
 from lcsurgery.surgery.block import BlockInfo, GatedBlock
 from lcsurgery.surgery.model import GATE_PREFIX, LCModel, check_placement, unwrap
@@ -130,7 +130,7 @@ def _analyse(
     gm = fx.GraphModule(root, graph)
     example = torch.randn(1, *_input_size(root, input_size), **_tensor_kwargs(root))
     try:
-        with _mode(root, False), torch.no_grad():
+        with training_mode(root, False), torch.no_grad():
             ShapeProp(gm).propagate(example)
     except Exception as exc:  # any failure of the user's model on the example input
         raise LCSurgeryError(

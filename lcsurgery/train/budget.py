@@ -1,47 +1,44 @@
-"""A MAC budget: adapt the penalty strength so eval-mode MACs land at a target fraction of dense.
+"""The MAC budget, in one place: the range a budget may take, the controller that steers the
+penalty towards it while the gates learn, and the landing that meets it when they stop.
 
-The controller watches what eval will really execute: the hard per-image MACs of each
-training batch (``lcsurgery.last_macs``), not the soft gate values, which can sit far from
-it (a gate at 0.3 costs 30% in a soft formula and 100% in eval). It is a PI controller in
-log space: the integral part scales the penalty up while batches cost more than the target
-and down while they cost less; the proportional part reacts at once, which damps the
-overshoot that comes from gates crossing zero together (they all start fully open). The
-integral runs over training progress, not steps, so a 240-step run and a 2000-step run
-reach the same strengths at the same point of training.
+The controller watches what eval will really execute: the hard per-image MACs of each training
+batch (``last_macs``), not soft gate values, which can sit far from it (a gate at 0.3 costs 30%
+in a soft formula and 100% in eval). It is a PI controller in log space over training progress
+(not steps), so runs of any length reach the same strengths at the same point of training. The
+target falls from the dense cost to the budget over the first ``ramp`` of training (gradual, as
+in gradual pruning, Zhu and Gupta 2017: gates that all start at the same value would otherwise
+cross zero together). Under the target the multiplier turns smoothly from closing to reopening
+gates, continuous at the target so that gates do not chatter. Training batches see BatchNorm
+in training mode and augmented images, so their cost differs from eval's; ``calibrate`` shifts
+the target the batches are steered to by the gap measured on one model state.
 
-Gates that cross zero together can overshoot below the target, and a closed gate gets little
-task gradient (ReLU-1 is flat there), so merely weakening the penalty would leave the cost
-stuck low. Once the target has reached the budget, a cost below it scales the returned
-multiplier by ``1 + 2 * tanh(error / band)``: it falls smoothly from ``strength`` at the target
-through zero (2.7% under it, for the default band) to ``-strength`` far under it, where the
-penalty pays gates to reopen. It must be continuous at the target: an earlier rule returned
-``strength`` a hair above the target and about zero a hair below, so the gates of a 20-epoch
-ResNet-20 run chattered between the two (43 of 78 logged steps at +17.7, 35 near or under
-zero, the cost held at 0.498-0.504). That run then diverged, but for another reason: with this
-rule alone a rerun diverged in the same epoch (see ``GatedBlock.masked_forward``).
-
-The target is approached gradually (as in gradual pruning, Zhu & Gupta 2017): it falls from
-the dense cost to the budget over the first ``ramp`` fraction of training, then holds while the
-learning rate decays. Asking for the full budget from the first step makes the gates, which all
-start at the same value, cross zero together: the cost collapses far below the budget and the
-backbone has no time to adapt. Half of training is the default. A shorter ramp gives the
-backbone more time at the budget, and on the shared ResNet-20 (3 epochs,
-sequential, budget 0.5, backbone lr 0.03, distilling from a 3-epoch dense fine-tune; 2026-12-01)
-a quarter ended at 86.33% top-1 against 85.90% for a half, within what one seed can tell. But
-where a budget is met by skipping whole blocks (parallel 0.7 on the built-in shapes task) the
-quarter ramp overshot to 0.64, and the gates froze at 62.5% of training before the reopening
-push had brought the cost back (0.662 of dense, more than 5% under); the half ramp lands there.
-
-Training batches see BatchNorm in training mode and augmented images, so their decisions
-differ from eval's (zero-padded crops cost less: 0.672 of dense against 0.705 for one model on
-plain images). After each epoch the loop measures both costs on the same model state and
-``calibrate`` shifts the target the training batches are steered to by the gap.
+A controller cannot guarantee where a short or unusual run ends: gates that cross zero together
+overshoot, and a run from random weights has no task loss to resist the penalty. So when the
+gates stop learning, ``land`` shifts every gate's bias by one offset, found by bisection on
+held-out training images in eval mode, until the MACs eval will pay meet the budget; the
+backbone then trains against those fixed gates. ``docs/training.md`` says how this was arrived at.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.macs.dynamic import count_macs
+from lcsurgery.surgery.model import unwrap
+
+TOLERANCE = 0.05  # a run that ends further than this (relative) from its budget says so
+
+
+def check_budget(budget: float) -> None:
+    """Refuse a budget outside (0, 1]: it is a fraction of the dense model's MACs."""
+    if not 0.0 < budget <= 1.0:
+        raise LCSurgeryError(f"--budget is a fraction of the dense model's MACs and must be in (0, 1], got {budget}")
 
 
 @dataclass
@@ -63,8 +60,7 @@ class BudgetController:
     integral: float | None = None  # log of the integral part of the strength
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.target <= 1.0:
-            raise ValueError(f"a MAC budget is a fraction of the dense model's MACs in (0, 1], got {self.target}")
+        check_budget(self.target)
         if self.integral is None:
             self.integral = math.log(self.strength)
 
@@ -105,3 +101,65 @@ class BudgetController:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+@dataclass(frozen=True)
+class Landing:
+    """Where ``land`` put the gates: the bias offset and the MAC fraction before and after."""
+
+    shift: float
+    before: float
+    after: float
+
+
+@torch.no_grad()
+def land(model: nn.Module, images: Sequence[Tensor], budget: float, placement: str, *, steps: int = 30, max_shift: float = 30.0) -> Landing:
+    """Shift every gate bias by one offset so that eval-mode MACs on ``images`` come closest to ``budget``.
+
+    The MAC fraction only grows as the offset grows (every gate opens no earlier), so bisection
+    finds it; ``images`` are held-out training images, never the test set. The model is left
+    in the mode it was in.
+    """
+    check_budget(budget)
+    lc = unwrap(model)
+    training = lc.training
+    lc.eval()
+    applied = 0.0
+
+    def fraction(shift: float) -> float:
+        nonlocal applied
+        shift_gates(lc, shift - applied)
+        applied = shift
+        return count_macs(lc, list(images), placement, progress=False).ratio
+
+    try:
+        before = fraction(0.0)
+        best = (abs(before - budget), 0.0, before)
+        lo, hi = -max_shift, max_shift
+        for _ in range(steps):
+            if best[0] <= 1e-3 * budget:
+                break
+            mid = (lo + hi) / 2
+            f = fraction(mid)
+            best = min(best, (abs(f - budget), mid, f))
+            lo, hi = (mid, hi) if f < budget else (lo, mid)
+        _, shift, after = best
+        fraction(shift)
+    finally:
+        lc.train(training)
+    return Landing(shift, before, after)
+
+
+@torch.no_grad()
+def shift_gates(model: nn.Module, shift: float) -> None:
+    """Add ``shift`` to the bias of every gate (L-Nets and C-Nets): positive opens, negative closes."""
+    for block in unwrap(model).lc_blocks():
+        for lin in (block.l_net, block.c_net):
+            if lin is not None:
+                lin.bias.add_(shift)
+
+
+def budget_report(fraction: float, budget: float) -> dict:
+    """How far a run ended from its budget: the relative error and whether it is within ``TOLERANCE``."""
+    error = fraction / budget - 1.0
+    return {"budget_error": round(error, 4), "budget_met": abs(error) <= TOLERANCE}

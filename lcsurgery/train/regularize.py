@@ -34,7 +34,7 @@ def _values(lc: LCModel) -> list[tuple[Tensor | None, Tensor | None]]:
     for b in lc.lc_blocks():
         if b.last is None or b.last.pooled is None:
             raise LCSurgeryError("gate_l1 needs a forward pass in training mode first (it reads the gate inputs of the latest batch)")
-        out.append(tuple(None if z is None else leaky_relu1(z, b.slope).clamp(min=-b.slope) for z in b.gate_logits(b.last.pooled)))
+        out.append(tuple(None if z is None else leaky_relu1(z, b.slope).clamp(min=-b.slope) for z in b.gate_logits(b.last.pooled, weights=not b.weights_from_targets)))
     return out
 
 
@@ -92,7 +92,7 @@ def macs_penalty(model: nn.Module, placement: str | None = None, temperature: fl
     for b, c in zip(lc.lc_blocks(), costs.blocks, strict=True):
         if b.last is None or b.last.pooled is None:
             raise LCSurgeryError("macs_penalty needs a forward pass in training mode first (it reads the gate inputs of the latest batch)")
-        z_l, z_c = b.gate_logits(b.last.pooled)
+        z_l, z_c = b.gate_logits(b.last.pooled, weights=not b.weights_from_targets)
         runs = _step(z_l, temperature) if z_l is not None else 1.0
         active = _step(z_c, temperature).sum(1) if z_c is not None else 0.0
         total = total + runs * (c.fixed(placement) + active * c.per_channel(placement))
