@@ -6,7 +6,7 @@
 or, in a loop of your own, the gate penalties, the optimiser groups and the budget controller.
 """
 
-from lcsurgery.train.budget import BudgetController, land
+from lcsurgery.train.budget import BudgetController
 from lcsurgery.train.conditional import importance_loss
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.loop import finetune
@@ -14,4 +14,4 @@ from lcsurgery.train.optim import param_groups
 from lcsurgery.train.regularize import gate_l1, macs_penalty
 from lcsurgery.train.run_folder import load_run
 
-__all__ = ["BudgetController", "FinetuneConfig", "finetune", "gate_l1", "importance_loss", "land", "load_run", "macs_penalty", "param_groups"]
+__all__ = ["BudgetController", "FinetuneConfig", "finetune", "gate_l1", "importance_loss", "load_run", "macs_penalty", "param_groups"]

@@ -1,5 +1,5 @@
 """The MAC budget, in one place: the range a budget may take, the controller that steers the
-penalty towards it while the gates learn, and the landing that meets it when they stop.
+penalty towards it while the gates learn, and the report of where a run ended.
 
 The controller watches what eval will really execute: the hard per-image MACs of each training
 batch (``last_macs``), not soft gate values, which can sit far from it (a gate at 0.3 costs 30%
@@ -12,25 +12,15 @@ gates, continuous at the target so that gates do not chatter. Training batches s
 in training mode and augmented images, so their cost differs from eval's; ``calibrate`` shifts
 the target the batches are steered to by the gap measured on one model state.
 
-A controller cannot guarantee where a short or unusual run ends: gates that cross zero together
-overshoot, and a run from random weights has no task loss to resist the penalty. So when the
-gates stop learning, ``land`` shifts every gate's bias by one offset, found by bisection on
-held-out training images in eval mode, until the MACs eval will pay meet the budget; the
-backbone then trains against those fixed gates. ``docs/training.md`` says how this was arrived at.
+``docs/training.md`` says how this design was arrived at and where it still misses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-from torch import Tensor, nn
-
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.macs.dynamic import count_macs
-from lcsurgery.surgery.model import unwrap
 
 TOLERANCE = 0.05  # a run that ends further than this (relative) from its budget says so
 
@@ -101,62 +91,6 @@ class BudgetController:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
-
-
-@dataclass(frozen=True)
-class Landing:
-    """Where ``land`` put the gates: the bias offset and the MAC fraction before and after."""
-
-    shift: float
-    before: float
-    after: float
-
-
-@torch.no_grad()
-def land(model: nn.Module, images: Sequence[Tensor], budget: float, placement: str, *, steps: int = 30, max_shift: float = 30.0) -> Landing:
-    """Shift every gate bias by one offset so that eval-mode MACs on ``images`` come closest to ``budget``.
-
-    The MAC fraction only grows as the offset grows (every gate opens no earlier), so bisection
-    finds it; ``images`` are held-out training images, never the test set. The model is left
-    in the mode it was in.
-    """
-    check_budget(budget)
-    lc = unwrap(model)
-    training = lc.training
-    lc.eval()
-    applied = 0.0
-
-    def fraction(shift: float) -> float:
-        nonlocal applied
-        shift_gates(lc, shift - applied)
-        applied = shift
-        return count_macs(lc, list(images), placement, progress=False).ratio
-
-    try:
-        before = fraction(0.0)
-        best = (abs(before - budget), 0.0, before)
-        lo, hi = -max_shift, max_shift
-        for _ in range(steps):
-            if best[0] <= 1e-3 * budget:
-                break
-            mid = (lo + hi) / 2
-            f = fraction(mid)
-            best = min(best, (abs(f - budget), mid, f))
-            lo, hi = (mid, hi) if f < budget else (lo, mid)
-        _, shift, after = best
-        fraction(shift)
-    finally:
-        lc.train(training)
-    return Landing(shift, before, after)
-
-
-@torch.no_grad()
-def shift_gates(model: nn.Module, shift: float) -> None:
-    """Add ``shift`` to the bias of every gate (L-Nets and C-Nets): positive opens, negative closes."""
-    for block in unwrap(model).lc_blocks():
-        for lin in (block.l_net, block.c_net):
-            if lin is not None:
-                lin.bias.add_(shift)
 
 
 def budget_report(fraction: float, budget: float) -> dict:

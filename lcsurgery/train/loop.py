@@ -26,12 +26,12 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.macs.dynamic import last_macs
 from lcsurgery.macs.static import static_costs
 from lcsurgery.train import distributed
-from lcsurgery.train.budget import BudgetController, budget_report, land, shift_gates
+from lcsurgery.train.budget import BudgetController, budget_report
 from lcsurgery.train.build import build_model
 from lcsurgery.train.conditional import conditional_loss
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.distill import build_teacher, distill_loss
-from lcsurgery.train.evaluate import cost_gap, evaluate, first_images
+from lcsurgery.train.evaluate import cost_gap, evaluate
 from lcsurgery.train.optim import make_optimizer, make_scheduler
 from lcsurgery.train.regularize import gate_l1, macs_penalty
 from lcsurgery.train.run_folder import prepare_out, save
@@ -83,7 +83,6 @@ class _Run:
         self.sched = make_scheduler(self.opt, self.steps, cfg.freeze_gates)
         budget = cfg.budget is not None and not cfg.dense
         self.controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0, ramp=cfg.budget_ramp) if budget else None
-        self.landing: dict | None = None  # where the gates were put to meet the budget when they froze
         self.scaler = torch.amp.GradScaler(enabled=cfg.amp and d.device.type == "cuda")
         self.amp_dtype = torch.float16 if d.device.type == "cuda" else torch.bfloat16
         self.start = self._resume() if cfg.resume else 0
@@ -98,7 +97,6 @@ class _Run:
         self.sched.load_state_dict(state["scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
-        self.landing = state.get("landing")
         torch.set_rng_state(state["rng"])
         if self.d.main:
             print(f"resuming {self.out} after epoch {state['epoch']}")
@@ -108,12 +106,10 @@ class _Run:
         metrics: dict = {}
         for epoch in range(self.start, self.cfg.epochs):
             metrics = self._epoch(epoch)
-        if self.controller is not None and self.landing is None:  # gates that never froze land once training ends
-            self._land()
         in_sync = self.d.parameters_identical(self.model)
         if not self.d.main:
             return {}
-        if not metrics or self.landing is not None and self.landing.get("at_end"):
+        if not metrics:
             metrics = evaluate(self.model, self.loaders, self.cfg.placement, self.cfg.dense)
         save(self.out / "model.pt", self.model.state_dict())
         cfg = self.cfg
@@ -122,13 +118,14 @@ class _Run:
             "budget": cfg.budget, "l1": cfg.l1, "world_size": self.d.world, "ranks_identical": in_sync,
         }  # fmt: skip
         if self.controller is not None:
-            final.update(budget_report(final["mac_fraction"], cfg.budget), landing=self.landing)
+            final.update(budget_report(final["mac_fraction"], cfg.budget))
         (self.out / "metrics.json").write_text(json.dumps(final, indent=2))
         if self.controller is not None and not final["budget_met"]:
             _warn(
                 f"the run ended at {final['mac_fraction']:.3f} of the dense MACs for a budget of {cfg.budget} "
-                f"({100 * final['budget_error']:+.1f}%, more than 5% off): the test images cost other than the training "
-                f"images the gates were landed on ({self.landing}); see log.jsonl and steps.jsonl"
+                f"({100 * final['budget_error']:+.1f}%, more than 5% off): the controller had not settled on the budget when the "
+                f"gates froze at {cfg.freeze_gates} of training (steps.jsonl traces it). Longer training (--epochs), a longer "
+                f"--budget-ramp or a lower --gate-lr give it time"
             )
         return final
 
@@ -161,8 +158,6 @@ class _Run:
         cfg, d, lc = self.cfg, self.d, self.lc
         progress = self.sched.last_epoch / self.steps
         frozen = gates_frozen(progress, cfg.freeze_gates)
-        if frozen and self.controller is not None and self.landing is None:
-            self._land()
         if lc is not None:
             noise = cfg.gate_noise * noise_factor(progress, cfg.budget_ramp, cfg.freeze_gates)
             set_gate_training(lc, noise, 0.0 if frozen else cfg.gate_input_momentum, cfg.per_image_loss == "importance")
@@ -203,21 +198,6 @@ class _Run:
         self.sched.step()
         return logits, loss_value, info
 
-    def _land(self) -> None:
-        """Meet the budget on held-out training images once the gates stop learning (rank 0 finds
-        the offset, every rank applies it)."""
-        d, cfg = self.d, self.cfg
-        at_end = self.sched.last_epoch >= self.steps
-        if d.main:
-            images = first_images(self.loaders.calibration, d.device)
-            landing = land(self.model, images, cfg.budget, cfg.placement)
-            self.landing = {"step": self.sched.last_epoch, "at_end": at_end, "shift": round(landing.shift, 4), "before": round(landing.before, 4), "after": round(landing.after, 4)}
-            print(f"gates frozen at step {self.sched.last_epoch}: MACs on held-out training images {landing.before:.3f} -> {landing.after:.3f} of dense (bias shift {landing.shift:+.3f})")
-        shift = d.broadcast(self.landing["shift"] if d.main else 0.0)
-        if not d.main:
-            shift_gates(self.model, shift)
-            self.landing = {"step": self.sched.last_epoch, "at_end": at_end, "shift": shift}
-
     def _log_epoch(self, epoch: int, metrics: dict, train_loss: float, train_accuracy: float, seconds: float) -> None:
         cfg = self.cfg
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy, **metrics, "lr": self.sched.get_last_lr()[0], "seconds": round(seconds, 1)}
@@ -225,12 +205,10 @@ class _Run:
             record["gates_frozen"] = gates_frozen(self.sched.last_epoch / self.steps, cfg.freeze_gates)
         if self.controller is not None:
             record["penalty_strength"] = 0.0 if record["gates_frozen"] else self.controller.strength
-            record["landing"] = self.landing
         with open(self.out / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         state = {"epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state()}
         if self.controller is not None:
             state["controller"] = self.controller.state_dict()
-            state["landing"] = self.landing
         save(self.out / "last.pt", state)
         print(f"epoch {epoch + 1}: val accuracy {metrics['val_accuracy']:.4f}, MACs {metrics['mac_fraction']:.3f} of dense")
