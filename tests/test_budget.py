@@ -18,7 +18,8 @@ import pytest
 from conftest import SHARED
 
 from lcsurgery.assets import SHAPES_RESNET20
-from lcsurgery.train.loop import FinetuneConfig, finetune
+from lcsurgery.train.config import FinetuneConfig
+from lcsurgery.train.loop import finetune
 
 
 @pytest.mark.parametrize("placement,budget", [("sequential", 0.5), ("parallel", 0.7)])

@@ -15,7 +15,7 @@ import sys
 
 from lcsurgery.models.factory import SPEC_HELP
 from lcsurgery.train.conditional import KINDS as PER_IMAGE_LOSSES
-from lcsurgery.train.config import GATE_KINDS, FinetuneConfig
+from lcsurgery.train.config import GATE_KINDS, PRUNERS, FinetuneConfig
 from lcsurgery.train.loop import finetune
 
 # One source for every default: the parser takes FinetuneConfig's, so a default changes in one place.
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
         add("--out", help="run folder: config, log.jsonl, last.pt, model.pt, metrics.json")
         add("--placement", choices=("parallel", "sequential"), help="the schedule MACs are accounted (and budgeted) for")
         add("--dense", action="store_true", help="fine-tune the original model without gates (the baseline)")
+        add("--prune", choices=PRUNERS, help="no gates: prune the model to --budget with this pruner, then fine-tune it (the outside static baseline; needs lcsurgery[compare])")
         add("--static", action="store_true", help="gates that ignore the input (bias only): one learned mask of blocks and channels for every image, the static baseline")
         add("--l1", type=float, help="strength of the gate L1 penalty (with --budget: its starting value)")
         add("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.macs.report import MacReport, build_report, per_sample_macs
+from lcsurgery.macs.report import GateUsage, MacReport, build_report, per_sample_macs
 from lcsurgery.macs.static import static_costs
 from lcsurgery.surgery.model import LCModel, check_placement, unwrap
 
@@ -102,6 +102,7 @@ def count_macs(
     batches, n_batches = _batches(images, batch_size)
     show = progress if progress is not None else (n_batches is None or n_batches > 4)
     keeps, actives, labels, preds, masks = [], [], [], [], {b.name: [] for b in lc.lc_blocks()} if keep_masks else None
+    tally = _Tally(lc)
     size = None
     device = next(lc.parameters()).device
     with torch.no_grad():
@@ -110,6 +111,7 @@ def count_macs(
             size = tuple(x.shape[1:])
             out = lc(x.to(device))
             keep, active = _decisions(lc)
+            tally.add(lc)
             keeps.append(keep.cpu())
             actives.append(active.cpu())
             if y is not None:
@@ -130,4 +132,38 @@ def count_macs(
         labels=torch.cat(labels) if labels and len(labels) == len(keeps) else None,
         predictions=torch.cat(preds) if preds and len(preds) == len(keeps) else None,
         masks={k: torch.cat(v) for k, v in masks.items() if v} if masks is not None else None,
+        usage=tally.usage(),
     )
+
+
+class _Tally:
+    """Running counts of how often each gate is on, and each image's pattern fingerprint (a sum of
+    random 64-bit weights over its on gates, wrapping), so no per-image mask is kept."""
+
+    def __init__(self, lc: LCModel) -> None:
+        gen = torch.Generator().manual_seed(20071515)
+        self.blocks = list(lc.lc_blocks())
+        self.weights = {b.name: torch.randint(-(2**62), 2**62, (1 + b.gated_channels,), generator=gen) for b in self.blocks}
+        self.layer_on = {b.name: 0 for b in self.blocks if b.l_net is not None}
+        self.channel_on = {b.name: torch.zeros(b.gated_channels, dtype=torch.int64) for b in self.blocks if b.c_net is not None}
+        self.patterns: list[Tensor] = []
+        self.images = 0
+
+    def add(self, lc: LCModel) -> None:
+        pattern = None
+        for b in self.blocks:
+            keep = b.last.keep().cpu()
+            active = b.last.active()
+            on = keep[:, None] if active is None else torch.cat([keep[:, None], active.cpu() & keep[:, None]], 1)
+            w = self.weights[b.name][: on.shape[1]]
+            part = (on.long() * w).sum(1)
+            pattern = part if pattern is None else pattern + part
+            if b.name in self.layer_on:
+                self.layer_on[b.name] += int(keep.sum())
+            if b.name in self.channel_on:
+                self.channel_on[b.name] += on[:, 1:].long().sum(0)
+        self.patterns.append(pattern)
+        self.images += len(pattern)
+
+    def usage(self) -> GateUsage:
+        return GateUsage(self.images, dict(self.layer_on), dict(self.channel_on), torch.cat(self.patterns) if self.patterns else torch.zeros(0, dtype=torch.int64))

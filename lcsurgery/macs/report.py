@@ -33,6 +33,40 @@ class BlockMacs:
     active_fraction: float  # mean fraction of gated channels active where the block runs (nan: no C-Net or never run)
 
 
+CONDITIONAL = (0.05, 0.95)  # a gate is conditional when it is on for more than 5% and less than 95% of the images
+
+
+@dataclass
+class GateUsage:
+    """How the gates decided over the counted images: how often each gate was on, and each image's pattern.
+
+    A layer gate is on where its block runs; a channel gate where its block runs and the channel
+    is active. ``patterns`` is a 64-bit fingerprint of each image's whole on/off vector, so two
+    images share a fingerprint exactly when they take the same gates (collisions aside, one in 2^64).
+    """
+
+    images: int
+    layer_on: dict[str, int]  # block -> images for which its L-gate was on (blocks with an L-gate)
+    channel_on: dict[str, Tensor]  # block -> int64 [C]: images for which each channel gate was on
+    patterns: Tensor  # int64 [N]
+
+    def rates(self) -> dict[str, Tensor]:
+        """Per block, the share of images for which each of its gates was on (L-gate first)."""
+        out = {}
+        for name in dict.fromkeys([*self.layer_on, *self.channel_on]):
+            parts = []
+            if name in self.layer_on:
+                parts.append(torch.tensor([self.layer_on[name]], dtype=torch.float64))
+            if name in self.channel_on:
+                parts.append(self.channel_on[name].double())
+            out[name] = torch.cat(parts) / max(self.images, 1)
+        return out
+
+    def conditional_share(self, rates: Tensor) -> float:
+        lo, hi = CONDITIONAL
+        return float(((rates > lo) & (rates < hi)).double().mean()) if rates.numel() else 0.0
+
+
 @dataclass
 class MacReport:
     """MACs each image needs under a converted model's gates, counted exactly.
@@ -54,6 +88,28 @@ class MacReport:
     predictions: Tensor | None = None  # [N] argmax of the model's output, for classifiers
     masks: dict[str, Tensor] | None = field(default=None, repr=False)  # name -> bool [N, C], if asked for
     costs: StaticCosts | None = field(default=None, repr=False)  # the static costs behind the numbers
+    usage: GateUsage | None = field(default=None, repr=False)  # how often each gate was on, each image's pattern
+
+    def dynamics(self) -> dict:
+        """How much the computation depends on the image: per-image MAC statistics (as fractions of
+        dense), distinct gate patterns, and the share of conditional gates, overall and per block."""
+        q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+        frac = self.per_sample.double() / self.dense
+        p10, p50, p90 = torch.quantile(frac, q).tolist()
+        out = {
+            "images": len(frac),
+            "mac_fraction": {
+                "mean": float(frac.mean()), "std": float(frac.std(unbiased=False)), "p10": p10, "p50": p50, "p90": p90,
+                "min": float(frac.min()), "max": float(frac.max()), "p90_over_p10": p90 / p10 if p10 > 0 else None,
+            },
+        }  # fmt: skip
+        if self.usage is not None:
+            rates = self.usage.rates()
+            every = torch.cat(list(rates.values())) if rates else torch.zeros(0)
+            out["distinct_patterns"] = int(torch.unique(self.usage.patterns).numel())
+            out["conditional_gates"] = self.usage.conditional_share(every)
+            out["conditional_by_block"] = {n: self.usage.conditional_share(r) for n, r in rates.items()}
+        return out
 
     @property
     def accuracy(self) -> float | None:
@@ -74,7 +130,7 @@ class MacReport:
 
     def with_placement(self, placement: str) -> MacReport:
         """The same images and gate decisions accounted under the other schedule (no new forward)."""
-        return build_report(self.costs, self.keep, self.active, placement, self.labels, self.predictions, self.masks)
+        return build_report(self.costs, self.keep, self.active, placement, self.labels, self.predictions, self.masks, self.usage)
 
     def summary(self) -> str:
         """A table a person can read: dense vs dynamic MACs, ratio, per-block skip rates."""
@@ -87,12 +143,22 @@ class MacReport:
             f"  LC-Net, dynamic    {format_macs(self.mean):>9}  = {self.ratio:.3f} x dense  ({self.dense / self.mean:.2f}x fewer)",
             f"  min/median/max     {' / '.join(format_macs(v) for v in q)}",
         ]
+        dyn = self.dynamics()
+        m = dyn["mac_fraction"]
+        spread = f"p90/p10 = {m['p90_over_p10']:.2f}" if m["p90_over_p10"] else "p10 is 0"
+        lines.append(f"  per image          p10 {m['p10']:.3f} / p50 {m['p50']:.3f} / p90 {m['p90']:.3f} of dense ({spread})")
+        if "distinct_patterns" in dyn:
+            lines.append(f"  distinct gate patterns {dyn['distinct_patterns']} of {dyn['images']} images; conditional gates (on for 5-95% of images) {100 * dyn['conditional_gates']:.1f}%")
         if self.accuracy is not None:
             lines.append(f"  top-1 accuracy     {100 * self.accuracy:8.2f}%")
         lines.append("")
-        head = ("block", "dense", "mean", "skip rate", "active ch.")
+        head = ("block", "dense", "mean", "skip rate", "active ch.", "conditional")
+        cond = dyn.get("conditional_by_block", {})
         rows = [
-            (b.name, format_macs(b.dense), format_macs(b.mean), f"{100 * b.skip_rate:.1f}%", "-" if math.isnan(b.active_fraction) else f"{100 * b.active_fraction:.1f}%")
+            (
+                b.name, format_macs(b.dense), format_macs(b.mean), f"{100 * b.skip_rate:.1f}%", "-" if math.isnan(b.active_fraction) else f"{100 * b.active_fraction:.1f}%",
+                f"{100 * cond[b.name]:.0f}%" if b.name in cond else "-",
+            )  # fmt: skip
             for b in self.by_block.values()
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -122,6 +188,7 @@ def build_report(
     labels: Tensor | None = None,
     predictions: Tensor | None = None,
     masks: dict[str, Tensor] | None = None,
+    usage: GateUsage | None = None,
 ) -> MacReport:
     """A report from hard decisions (``keep`` bool [N, blocks], ``active`` int [N, blocks])."""
     per_sample = per_sample_macs(costs, keep, active, placement)
@@ -145,4 +212,5 @@ def build_report(
         predictions=predictions,
         masks=masks,
         costs=costs,
+        usage=usage,
     )

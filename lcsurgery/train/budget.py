@@ -44,6 +44,7 @@ class BudgetController:
     max_strength: float = 1e3
     ramp: float = 0.5  # fraction of training over which the target falls from 1 to ``target``
     band: float = 0.05  # relative error under the target over which the push turns from closing to reopening
+    windup: float = 0.3  # largest relative error the integral integrates
     progress: float = 0.0  # fraction of training done, set by the training loop
     offset: float = 0.0  # eval fraction minus train fraction, measured by calibrate()
     measured: float | None = None  # smoothed train-batch fraction
@@ -72,9 +73,14 @@ class BudgetController:
         self.measured = fraction if self.measured is None else self.smoothing * self.measured + (1 - self.smoothing) * fraction
         error = (self.measured - self.train_target) / self.train_target
         lo, hi = math.log(self.min_strength), math.log(self.max_strength)
-        self.integral = min(max(self.integral + self.gain * error * dt, lo), hi)
+        reopening = self.progress >= self.ramp and error < 0
+        # The integral winds at most at ``windup`` relative error (gates that have not yet crossed zero
+        # must not build a strength that closes everything once they do), and holds while the
+        # cost is under the budget: the reopening push below is as strong as the closing one was.
+        step = 0.0 if reopening else max(min(error, self.windup), -self.windup)
+        self.integral = min(max(self.integral + self.gain * step * dt, lo), hi)
         self.strength = math.exp(min(max(self.integral + self.proportional * error, lo), hi))
-        if self.progress < self.ramp or error >= 0:
+        if not reopening:
             return self.strength
         return self.strength * (1.0 + 2.0 * math.tanh(error / self.band))  # under the budget: ease off, then reopen gates
 

@@ -14,6 +14,7 @@ from lcsurgery.train.budget import check_budget
 from lcsurgery.train.conditional import KINDS as PER_IMAGE_LOSSES
 
 GATE_KINDS = ("layer+channel", "layer", "channel")
+PRUNERS = ("torch-pruning",)
 _NOT_IDENTITY = {"out", "resume", "force", "workers"}  # may change between a run and its resumption
 
 
@@ -28,6 +29,7 @@ class FinetuneConfig:
     gates: str = "layer+channel"  # which gates each block gets: "layer+channel", "layer" (skip blocks only) or "channel"
     dense: bool = False  # fine-tune the original model, no gates (the baseline)
     static: bool = False  # gates that ignore the input (bias only): one learned mask for every image, the static baseline
+    prune: str | None = None  # "torch-pruning": no gates; the model is pruned to --budget by Torch-Pruning first (the outside baseline)
     per_image_loss: str = "none"  # what makes gates decide per image (lcsurgery.train.conditional)
     per_image_weight: float = 1.0  # its weight in the loss (batch-shaping fades out over the MAC ramp)
     l1: float = 0.0  # penalty strength; with a budget, its initial value
@@ -69,6 +71,11 @@ class FinetuneConfig:
             raise LCSurgeryError(f"--gates must be one of {', '.join(GATE_KINDS)}, got {self.gates!r}")
         if self.budget is not None:
             check_budget(self.budget)
+        if self.prune is not None:
+            if self.prune not in PRUNERS:
+                raise LCSurgeryError(f"--prune must be one of {', '.join(PRUNERS)}, got {self.prune!r}")
+            if self.budget is None or self.dense or self.static or self.l1 or self.per_image_loss != "none":
+                raise LCSurgeryError("--prune prunes the model to --budget and fine-tunes it without gates: give --budget, and drop --dense, --static, --l1 and --per-image-loss")
         if self.dense and (self.budget is not None or self.l1 or self.static):
             raise LCSurgeryError("--dense fine-tunes the original model without gates: drop --budget, --l1 and --static")
         if self.teacher is not None and self.dense:
@@ -90,3 +97,8 @@ class FinetuneConfig:
     def identity(self) -> dict:
         """The options that define the run's result (not where it is written or how it is resumed)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+
+    @property
+    def gated(self) -> bool:
+        """Whether the run fine-tunes a model with LC-Net gates (not the dense or the pruned baseline)."""
+        return not self.dense and self.prune is None

@@ -16,8 +16,10 @@ CALIBRATION_IMAGES = 1024  # training images per side of the budget controller's
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loaders: Loaders, placement: str, dense: bool) -> dict:
-    """Eval-mode accuracy and MACs per image (hard gates), for both placements when gated."""
+def evaluate(model: nn.Module, loaders: Loaders, placement: str, dense: bool, reference_macs: int | None = None) -> dict:
+    """Eval-mode accuracy and MACs per image (hard gates), for both placements when gated, with how
+    much the computation varies between images. A plain model (``dense``) is counted by fvcore;
+    ``reference_macs``, the original's count when the model was pruned, is then its dense cost."""
     model.eval()
     if dense:
         device = device_of(model)
@@ -26,7 +28,8 @@ def evaluate(model: nn.Module, loaders: Loaders, placement: str, dense: bool) ->
             correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
             total += len(y)
         macs = fvcore_macs(model, (torch.zeros(1, *x.shape[1:], device=device),))
-        return {"val_accuracy": correct / total, "mean_macs": macs, "dense_macs": macs, "mac_fraction": 1.0}
+        reference = reference_macs or macs
+        return {"val_accuracy": correct / total, "mean_macs": macs, "dense_macs": reference, "mac_fraction": macs / reference}
     report = count_macs(model, loaders.test, placement, progress=False)
     other = report.with_placement("sequential" if placement == "parallel" else "parallel")
     return {
@@ -38,7 +41,17 @@ def evaluate(model: nn.Module, loaders: Loaders, placement: str, dense: bool) ->
         "skip_rates": {n: round(b.skip_rate, 4) for n, b in report.by_block.items()},
         # null, not NaN, for blocks without a C-Net or never run: NaN is not JSON (jq and browsers reject it)
         "active_fraction": {n: None if math.isnan(b.active_fraction) else round(b.active_fraction, 4) for n, b in report.by_block.items()},
+        "dynamics": _rounded(report.dynamics()),
     }
+
+
+def _rounded(value):
+    """Floats to 4 decimals, in nested dicts too (log lines stay short)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from lcsurgery.train.distill import build_teacher, distill_loss
 from lcsurgery.train.evaluate import cost_gap, evaluate
 from lcsurgery.train.optim import make_optimizer, make_scheduler
 from lcsurgery.train.regularize import gate_l1, macs_penalty
-from lcsurgery.train.run_folder import prepare_out, save
+from lcsurgery.train.run_folder import STRUCTURE_FILE, prepare_out, save
 from lcsurgery.train.schedule import gates_frozen, noise_factor, set_gate_training
 
 STEP_LOG_EVERY = 10
@@ -60,13 +60,19 @@ class _Run:
         self.cfg, self.d = cfg, d
         torch.manual_seed(cfg.seed)
         num_classes = len(dataset_classes(cfg.data))
-        self.model = build_model(cfg, num_classes).to(d.device)
+        saved = Path(cfg.out) / STRUCTURE_FILE
+        structure = json.loads(saved.read_text()) if cfg.resume and cfg.prune is not None and saved.exists() else None
+        self.model = build_model(cfg, num_classes, structure).to(d.device)
+        pruned = getattr(self.model, "lc_pruned", None)
+        self.reference_macs = pruned["reference_macs"] if pruned else None
         with torch.random.fork_rng(devices=[]):  # the teacher's throwaway initialisation leaves the run's random stream alone
             self.teacher = build_teacher(cfg, num_classes).to(d.device) if cfg.teacher else None
         # after the model and teacher load: a bad checkpoint leaves --out untouched
         self.out = prepare_out(cfg) if d.main else Path(cfg.out)
+        if pruned and d.main:
+            (self.out / STRUCTURE_FILE).write_text(json.dumps(pruned["structure"], indent=2))
         d.barrier()
-        if not cfg.dense and not cfg.checkpoint and not cfg.pretrained and d.main:
+        if cfg.gated and not cfg.checkpoint and not cfg.pretrained and d.main:
             _warn(
                 "fine-tuning gates on a model with random weights (no --checkpoint or --pretrained): with no task loss to "
                 "resist it the penalty closes gates freely, and LC-Net has nothing to retrofit; pass pretrained weights"
@@ -75,14 +81,13 @@ class _Run:
             cfg.data, self.model, cfg.batch_size, size=cfg.size, seed=cfg.seed, rank=d.rank, world=d.world,
             train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=cfg.workers,
         )  # fmt: skip
-        self.lc = None if cfg.dense else self.model
+        self.lc = self.model if cfg.gated else None
         ddp = d.world > 1
         self.train_model = DistributedDataParallel(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if ddp else self.model
         self.steps = cfg.epochs * len(self.loaders.train)
         self.opt = make_optimizer(self.model, cfg, self.steps)
         self.sched = make_scheduler(self.opt, self.steps, cfg.freeze_gates)
-        budget = cfg.budget is not None and not cfg.dense
-        self.controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0, ramp=cfg.budget_ramp) if budget else None
+        self.controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0, ramp=cfg.budget_ramp) if cfg.gated and cfg.budget is not None else None
         self.scaler = torch.amp.GradScaler(enabled=cfg.amp and d.device.type == "cuda")
         self.amp_dtype = torch.float16 if d.device.type == "cuda" else torch.bfloat16
         self.start = self._resume() if cfg.resume else 0
@@ -110,14 +115,14 @@ class _Run:
         if not self.d.main:
             return {}
         if not metrics:
-            metrics = evaluate(self.model, self.loaders, self.cfg.placement, self.cfg.dense)
+            metrics = evaluate(self.model, self.loaders, self.cfg.placement, not self.cfg.gated, self.reference_macs)
         save(self.out / "model.pt", self.model.state_dict())
         cfg = self.cfg
         final = {
-            **metrics, "placement": None if cfg.dense else cfg.placement, "epochs": cfg.epochs, "model": cfg.model, "data": cfg.data,
+            **metrics, "placement": cfg.placement if cfg.gated else None, "prune": cfg.prune, "epochs": cfg.epochs, "model": cfg.model, "data": cfg.data,
             "budget": cfg.budget, "l1": cfg.l1, "world_size": self.d.world, "ranks_identical": in_sync,
         }  # fmt: skip
-        if self.controller is not None:
+        if cfg.budget is not None:
             final.update(budget_report(final["mac_fraction"], cfg.budget))
         (self.out / "metrics.json").write_text(json.dumps(final, indent=2))
         if self.controller is not None and not final["budget_met"]:
@@ -144,7 +149,7 @@ class _Run:
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss_value * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", **info)
-        metrics = evaluate(self.model, self.loaders, cfg.placement, cfg.dense) if d.main else {}
+        metrics = evaluate(self.model, self.loaders, cfg.placement, not cfg.gated, self.reference_macs) if d.main else {}
         if self.controller is not None and not gates_frozen(self.sched.last_epoch / self.steps, cfg.freeze_gates):
             eval_fraction, train_fraction = cost_gap(self.model, self.loaders, cfg.placement) if d.main else (0.0, 0.0)
             self.controller.calibrate(d.broadcast(eval_fraction), d.broadcast(train_fraction))

@@ -55,7 +55,7 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig, steps: int) -> torch.o
     block's MACs, gets C times the push of any one of the block's C channel gates, reaches
     zero first, and retrofitting degenerates into skipping whole blocks for every input.
     """
-    if cfg.dense:
+    if not cfg.gated:
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     gate_lr = cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(steps, cfg.budget_ramp)
     backbone, gates = param_groups(model, cfg.lr, gate_lr, cfg.weight_decay)

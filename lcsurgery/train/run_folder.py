@@ -2,7 +2,7 @@
 
 ``config.json`` (the run's identity), ``log.jsonl`` (one line per epoch), ``steps.jsonl``
 (controller trace), ``last.pt`` (everything needed to resume after a kill), ``model.pt``
-(weights only, no pickled code) and ``metrics.json``. Nothing is overwritten without ``force``.
+(weights only, no pickled code), ``metrics.json``, and for a pruned baseline ``structure.json``. Nothing is overwritten without ``force``.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.train.build import build_model
 from lcsurgery.train.config import FinetuneConfig
 
-RUN_FILES = ("config.json", "log.jsonl", "steps.jsonl", "last.pt", "model.pt", "metrics.json")
+STRUCTURE_FILE = "structure.json"  # a pruned run's channel counts, to rebuild its model
+RUN_FILES = ("config.json", "log.jsonl", "steps.jsonl", "last.pt", "model.pt", "metrics.json", STRUCTURE_FILE)
 
 
 def prepare_out(cfg: FinetuneConfig) -> Path:
+    """The run folder, made (or, resuming, checked against the saved configuration) and holding ``config.json``."""
     out = Path(cfg.out)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if cfg.resume:
         if not (out / "last.pt").exists():
             raise LCSurgeryError(f"nothing to resume in {out}: no last.pt (start the run without --resume)")
         saved = json.loads((out / "config.json").read_text())
-        diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
+        fields = FinetuneConfig.__dataclass_fields__
+        diff = {k: (saved.get(k, fields[k].default), v) for k, v in cfg.identity().items() if saved.get(k, fields[k].default) != v}  # options added since default
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise LCSurgeryError(f"cannot resume {out} with a different configuration ({detail}); use another --out or the same options")
@@ -46,6 +49,7 @@ def prepare_out(cfg: FinetuneConfig) -> Path:
 
 
 def save(path: Path, obj: dict) -> None:
+    """``torch.save`` through a temporary file, so a kill mid-write never leaves a truncated checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill mid-write never leaves a truncated checkpoint
@@ -60,6 +64,7 @@ def load_run(run: Path) -> tuple[nn.Module, FinetuneConfig, int]:
     state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     head = [v for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and not k.startswith("lc_gates.")]
     classes = head[-1].shape[0]
-    model = build_model(FinetuneConfig(**{**asdict(cfg), "checkpoint": None, "pretrained": False}), classes)
+    structure = json.loads((run / STRUCTURE_FILE).read_text()) if (run / STRUCTURE_FILE).exists() else None
+    model = build_model(FinetuneConfig(**{**asdict(cfg), "checkpoint": None, "pretrained": False}), classes, structure)
     load_weights(model, state)  # runs saved before the gates' input statistics existed load with the identity statistics
     return model.eval(), cfg, classes

@@ -1,0 +1,1 @@
+"""Outside baselines LC-Net is measured against (optional extras)."""
