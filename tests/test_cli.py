@@ -16,7 +16,7 @@ def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "CifarResNet: 9 residual blocks to gate" in printed
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["run"] for r in rows] == ["dense", "sequential-50", "parallel-50"]
+    assert [r["run"] for r in rows] == ["dense", "static-sequential-50", "sequential-50", "parallel-50"]
     assert rows[0]["mac_fraction"] == 1.0 and all(r["mac_fraction"] < 1.0 for r in rows[1:])
     table = json.loads((out / "sequential-50" / "compare.json").read_text())
     assert table["identical_predictions"] == table["images"] > 0  # one set of gates, two schedules
@@ -24,7 +24,7 @@ def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
     assert acc["LC-Net, parallel"] == acc["LC-Net, sequential"]
     macs = {r["model"]: r["macs"] for r in table["rows"]}
     assert macs["LC-Net, sequential"] < macs["LC-Net, parallel"] < macs["dense fine-tune"]
-    for name in ("tradeoff", "extreme_images", "channel_heatmap", "macs_histogram", "skip_rates"):
+    for name in ("tradeoff", "extreme_images", "channel_heatmap", "macs_histogram", "skip_rates", "gate_usage"):
         with Image.open(out / "figures" / f"{name}.png") as im:
             assert im.width >= 400 and im.height >= 300, name
     assert main(args) == 0  # finished runs are reused, not retrained

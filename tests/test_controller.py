@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from plant import simulate
 
 from lcsurgery.train.budget import BudgetController
 
@@ -54,3 +56,36 @@ class TestBudgetController:
     def test_budget_outside_unit_interval(self, bad):
         with pytest.raises(ValueError, match=r"in \(0, 1\]"):
             BudgetController(bad)
+
+
+def test_reopening_push_is_as_strong_as_the_closing_one():
+    """Far under the budget after the ramp, the controller pays gates to reopen with the strength it
+    had reached (the integral holds there), not with a strength that decays to nothing."""
+    c = BudgetController(0.5, ramp=0.2, smoothing=0.0)
+    for i in range(100):
+        c.update(0.9, 0.2 + 0.003 * i)  # over the budget: the strength builds
+    built = c.integral
+    pushes = [c.update(0.1, 0.5 + 0.003 * i) for i in range(100)]  # a collapse far under it
+    assert c.integral == built
+    assert all(p < 0 for p in pushes)
+    assert pushes[-1] == pytest.approx(-c.strength, rel=1e-6)
+
+
+def test_integral_winds_at_most_at_the_windup_error():
+    """While gates travel towards zero the cost stays high; the strength that builds meanwhile is
+    capped as if the error were ``windup`` (it would otherwise close everything once they cross)."""
+    far, near = BudgetController(0.5, ramp=0.0, smoothing=0.0), BudgetController(0.5, ramp=0.0, smoothing=0.0)
+    for i in range(1, 51):
+        far.update(1.0, i / 100)  # relative error 1.0
+        near.update(0.5 * (1 + far.windup), i / 100)  # relative error exactly windup
+    assert far.integral == pytest.approx(near.integral)
+
+
+@pytest.mark.parametrize("budget", [0.35, 0.5, 0.7])
+def test_lands_within_five_percent_on_a_simulated_plant(budget):
+    """On a simulated ResNet-20's gates (tests/plant.py: costs, Adam, task resistance, noise; seeded,
+    float64, one thread) a trade-off-length run lands within 5% of every budget."""
+    torch.set_num_threads(1)
+    final, fractions = simulate(budget, steps=1170, seed=0)
+    assert abs(final / budget - 1) <= 0.05, f"landed at {final:.3f} for {budget}"
+    assert max(fractions[: len(fractions) // 5]) > 0.8 * 1.0  # the ramp starts from dense: no collapse at the start

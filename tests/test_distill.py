@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcsurgery.bench.tradeoff import _runs as _tradeoff_runs
+from lcsurgery.bench.tradeoff import plan
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.build import build_model
 from lcsurgery.train.config import FinetuneConfig
@@ -38,9 +38,9 @@ class TestDistillation:
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
     def test_tradeoff_gated_runs_distil_from_its_dense_run(self, tmp_path):
-        runs = dict(_tradeoff_runs(FinetuneConfig(model=TINY, teacher="dense"), [0.5], tmp_path))
+        runs = {r.name: r.cfg for r in plan(FinetuneConfig(model=TINY, teacher="dense"), [0.5], tmp_path)}
         assert runs["dense"].teacher is None and runs["dense"].dense
-        assert {n: r.teacher for n, r in runs.items() if n != "dense"} == {n: str(tmp_path / "dense") for n in ("sequential-50", "parallel-50")}
+        assert {n: r.teacher for n, r in runs.items() if n != "dense"} == {n: str(tmp_path / "dense") for n in ("static-sequential-50", "sequential-50", "parallel-50")}
 
     def test_weight_zero_is_plain_training_and_a_teacher_changes_the_result(self, tmp_path):
         common = dict(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=1, seed=2)

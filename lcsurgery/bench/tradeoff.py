@@ -1,81 +1,165 @@
-"""Accuracy vs MACs trade-off: a dense fine-tune and LC-Net at several MAC budgets per placement.
+"""Accuracy vs MACs: does per-input gating pay? Dense, static and dynamic runs side by side.
 
-Every run is an ordinary ``lcsurgery finetune`` run folder under ``--out``; finished runs
-(``metrics.json`` present) are reused and interrupted ones resumed, so the benchmark can be
-stopped and restarted. All runs use the same data, epochs and seed. With ``--teacher dense``
-the gated runs distil from the dense run (trained first). Writes ``results.json``,
-``results.md`` (the table) and ``tradeoff.png``.
+Per MAC budget, one table answers the question with the same data, epochs and recipe for every
+row: the dense fine-tune; LC-Net's gates made static (``--static``: the same gates and
+controller, bias only, one mask for every image); Torch-Pruning pruned to the budget and
+fine-tuned (``--baselines torch-pruning``); and LC-Net's dynamic gates under both placements.
+With ``--seeds 0 1`` every run but the dense teacher is repeated per seed and the table gives
+the mean and each seed. Every run is an ordinary ``lcsurgery finetune`` run folder under
+``--out``: finished runs are reused (if their configuration matches) and interrupted ones
+resumed. Writes ``results.json``, ``results.md`` and ``tradeoff.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.loop import finetune
 
+BASELINES = ("static", "torch-pruning")
+KIND_ORDER = ("dense", "static", "torch-pruning", "dynamic")
 
-def _runs(base: FinetuneConfig, budgets: list[float], out: Path) -> list[tuple[str, FinetuneConfig]]:
-    """The dense run first (never distilled), then one gated run per placement and budget;
-    ``teacher="dense"`` makes the gated runs distil from the benchmark's own dense run."""
-    runs = [("dense", dataclasses.replace(base, dense=True, budget=None, teacher=None, out=str(out / "dense")))]
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One run of the benchmark: its folder name, what it is, and its configuration."""
+
+    name: str
+    kind: str  # dense, static, torch-pruning or dynamic
+    seed: int
+    cfg: FinetuneConfig
+
+
+def plan(base: FinetuneConfig, budgets: list[float], out: Path, seeds: list[int] = (0,), baselines: tuple[str, ...] = ("static",)) -> list[Planned]:
+    """The dense run first (never distilled, seed 0), then per seed and budget the baselines and
+    the dynamic runs of both placements; ``teacher="dense"`` makes every other run distil from
+    the benchmark's own dense run."""
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise LCSurgeryError(f"unknown baselines {sorted(unknown)}: choose from {', '.join(BASELINES)}")
+    dense = dataclasses.replace(base, dense=True, budget=None, teacher=None, static=False, per_image_loss="none", seed=0, out=str(out / "dense"))
+    runs = [Planned("dense", "dense", 0, dense)]
     if base.teacher == "dense":
         base = dataclasses.replace(base, teacher=str(out / "dense"))
-    for placement in ("sequential", "parallel"):
+    for seed in seeds:
+        suffix = "" if seed == 0 else f"-s{seed}"
         for b in budgets:
-            name = f"{placement}-{round(100 * b)}"
-            runs.append((name, dataclasses.replace(base, placement=placement, budget=b, out=str(out / name))))
-    return runs
+            pct = round(100 * b)
+            common = dict(budget=b, seed=seed)
+            if "static" in baselines:
+                runs.append(Planned(f"static-sequential-{pct}{suffix}", "static", seed, dataclasses.replace(base, placement="sequential", static=True, per_image_loss="none", **common)))
+            if "torch-pruning" in baselines:
+                runs.append(Planned(f"torch-pruning-{pct}{suffix}", "torch-pruning", seed, dataclasses.replace(base, prune="torch-pruning", placement="sequential", static=False, per_image_loss="none", **common)))
+            for placement in ("sequential", "parallel"):
+                runs.append(Planned(f"{placement}-{pct}{suffix}", "dynamic", seed, dataclasses.replace(base, placement=placement, **common)))
+    return [dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, out=str(out / r.name))) for r in runs]
 
 
-def run(base: FinetuneConfig, budgets: list[float], out: Path, train: bool = True) -> list[dict]:
+def _check_same(run: Planned) -> None:
+    """A finished run is reused only if it was made with the configuration the benchmark asks for."""
+    saved = json.loads((Path(run.cfg.out) / "config.json").read_text())
+    fields = FinetuneConfig.__dataclass_fields__
+    diff = {k: (saved.get(k, fields[k].default), v) for k, v in run.cfg.identity().items() if saved.get(k, fields[k].default) != v}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise LCSurgeryError(f"{run.cfg.out} holds a run made with other options ({detail}): move it away or use another --out")
+
+
+def run(
+    base: FinetuneConfig, budgets: list[float], out: Path, train: bool = True, seeds: list[int] = (0,), baselines: tuple[str, ...] = ("static",)
+) -> list[dict]:
     """Run (or reuse) every fine-tune, then tabulate and plot; ``train=False`` reports the finished runs only."""
     rows = []
-    for name, cfg in _runs(base, budgets, out):
-        metrics_file = Path(cfg.out) / "metrics.json"
-        if not metrics_file.exists() and not train:
-            print(f"== {name}: not finished, left out of the report")
-            continue
-        if not metrics_file.exists():
-            print(f"== {name}: training ({cfg.epochs} epochs)")
-            finetune(dataclasses.replace(cfg, resume=(Path(cfg.out) / "last.pt").exists(), force=not (Path(cfg.out) / "last.pt").exists()))
-        m = json.loads(metrics_file.read_text())
+    for r in plan(base, budgets, out, list(seeds), tuple(baselines)):
+        folder = Path(r.cfg.out)
+        if not (folder / "metrics.json").exists():
+            if not train:
+                print(f"== {r.name}: not finished, left out of the report")
+                continue
+            print(f"== {r.name}: training ({r.cfg.epochs} epochs)")
+            resume = (folder / "last.pt").exists()
+            finetune(dataclasses.replace(r.cfg, resume=resume, force=not resume))
+        _check_same(r)
+        m = json.loads((folder / "metrics.json").read_text())
+        dyn = m.get("dynamics") or {}
         rows.append({
-            "run": name, "placement": m.get("placement"), "budget": m.get("budget"),
+            "run": r.name, "kind": r.kind, "seed": r.seed, "placement": m.get("placement"), "budget": m.get("budget"),
             "val_accuracy": m["val_accuracy"], "mean_macs": m["mean_macs"], "dense_macs": m["dense_macs"],
             "mac_fraction": m["mean_macs"] / m["dense_macs"], "macs_by_placement": m.get("mean_macs_by_placement"),
+            "p90_over_p10": (dyn.get("mac_fraction") or {}).get("p90_over_p10"), "distinct_patterns": dyn.get("distinct_patterns"),
+            "conditional_gates": dyn.get("conditional_gates"), "images": dyn.get("images"),
         })  # fmt: skip
-    dense = next((r for r in rows if r["run"] == "dense"), None)
+    dense = next((r for r in rows if r["kind"] == "dense"), None)
     if dense is None:
         raise LCSurgeryError(f"no finished dense run in {out}: the table compares against it")
     for r in rows:
         r["accuracy_change_points"] = 100 * (r["val_accuracy"] - dense["val_accuracy"])
         r["within_5pct_of_budget"] = None if r["budget"] is None else abs(r["mac_fraction"] - r["budget"]) <= 0.05 * r["budget"]
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "budgets": budgets, "rows": rows}, indent=2))
-    table = format_table(rows, base)
+    groups = summarise(rows)
+    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "budgets": budgets, "seeds": list(seeds), "rows": rows, "groups": groups}, indent=2))
+    table = format_table(groups)
     (out / "results.md").write_text(table + "\n")
     print(table)
     from lcsurgery.viz.figures import tradeoff_plot
 
-    tradeoff_plot(rows, out / "tradeoff.png", title=f"{base.model} on {Path(base.data).name}, {base.epochs} epochs per run")
+    tradeoff_plot(groups, out / "tradeoff.png", title=f"{base.model} on {Path(base.data).name}, {base.epochs} epochs per run")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'tradeoff.png'}")
     return rows
 
 
-def format_table(rows: list[dict], base: FinetuneConfig) -> str:
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per (kind, placement, budget): the mean over seeds, and each seed's values."""
+    keys = sorted({(r["kind"], r["placement"], r["budget"]) for r in rows}, key=lambda k: (-(k[2] or 2), KIND_ORDER.index(k[0]), k[1] or ""))
+    groups = []
+    dense = next(r for r in rows if r["kind"] == "dense")
+    for kind, placement, budget in keys:
+        members = sorted((r for r in rows if (r["kind"], r["placement"], r["budget"]) == (kind, placement, budget)), key=lambda r: r["seed"])
+        mean = lambda k: statistics.fmean(r[k] for r in members) if all(r[k] is not None for r in members) else None  # noqa: E731
+        groups.append({
+            "kind": kind, "placement": placement, "budget": budget, "seeds": [r["seed"] for r in members], "runs": [r["run"] for r in members],
+            "val_accuracy": mean("val_accuracy"), "accuracies": [r["val_accuracy"] for r in members], "mean_macs": mean("mean_macs"),
+            "mac_fraction": mean("mac_fraction"), "fractions": [r["mac_fraction"] for r in members], "dense_macs": dense["dense_macs"],
+            "accuracy_change_points": 100 * (mean("val_accuracy") - dense["val_accuracy"]),
+            "p90_over_p10": mean("p90_over_p10"), "distinct_patterns": mean("distinct_patterns"), "conditional_gates": mean("conditional_gates"),
+            "images": members[0]["images"], "macs_by_placement": members[0]["macs_by_placement"],
+        })  # fmt: skip
+    return groups
+
+
+def _label(g: dict) -> str:
+    if g["kind"] == "dynamic":
+        return f"LC-Net dynamic, {g['placement']}"
+    return {"dense": "dense", "static": "LC-Net static gates", "torch-pruning": "Torch-Pruning"}[g["kind"]]
+
+
+def format_table(groups: list[dict]) -> str:
+    """Markdown: per budget, each kind of run with its top-1 (mean and per seed), MACs and how dynamic it is."""
     lines = [
-        "| run | placement | MAC budget | top-1 accuracy | vs dense (points) | mean MACs / image | fraction of dense | same gates, other schedule |",
-        "|---|---|---|---|---|---|---|---|",
+        "| MAC budget | run | top-1 (mean) | per seed | vs dense (points) | fraction of dense MACs | per-image MACs p90/p10 | distinct gate patterns | conditional gates |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        budget = "-" if r["budget"] is None else f"{r['budget']:.2f}"
-        other = {k: v for k, v in (r.get("macs_by_placement") or {}).items() if k != r["placement"]}
-        other_cell = ", ".join(f"{k} {v / 1e6:.2f}M ({v / r['dense_macs']:.3f})" for k, v in other.items()) or "-"
+    for g in groups:
+        budget = "-" if g["budget"] is None else f"{g['budget']:.2f}"
+        seeds = " / ".join(f"{100 * a:.2f}" for a in g["accuracies"])
+        fractions = " / ".join(f"{f:.3f}" for f in g["fractions"])
+        spread = "-" if g["p90_over_p10"] is None else f"{g['p90_over_p10']:.2f}"
+        patterns = "-" if g["distinct_patterns"] is None else f"{g['distinct_patterns']:.0f} of {g['images']}"
+        cond = "-" if g["conditional_gates"] is None else f"{100 * g['conditional_gates']:.1f}%"
         lines.append(
-            f"| {r['run']} | {r['placement'] or 'dense'} | {budget} | {100 * r['val_accuracy']:.2f}% | "
-            f"{r['accuracy_change_points']:+.2f} | {r['mean_macs'] / 1e6:.2f}M | {r['mac_fraction']:.3f} | {other_cell} |"
+            f"| {budget} | {_label(g)} | {100 * g['val_accuracy']:.2f}% | {seeds} | {g['accuracy_change_points']:+.2f} | {fractions} | {spread} | {patterns} | {cond} |"
         )
-    return "\n".join(lines)
+    verdicts = []
+    for budget in sorted({g["budget"] for g in groups if g["budget"] is not None}, reverse=True):
+        at = {(g["kind"], g["placement"]): g for g in groups if g["budget"] == budget}
+        dyn = at.get(("dynamic", "sequential"))
+        if dyn is None:
+            continue
+        for key, name in ((("static", "sequential"), "static gates"), (("torch-pruning", None), "Torch-Pruning")):
+            if key in at:
+                verdicts.append(f"- budget {budget:.2f}: dynamic (sequential) minus {name}: {100 * (dyn['val_accuracy'] - at[key]['val_accuracy']):+.2f} points of top-1")
+    return "\n".join(lines + ([""] + verdicts if verdicts else []))

@@ -1,8 +1,9 @@
 """Benchmarks that print tables and save JSON (not tests: numbers depend on the machine).
 
   lcsurgery bench latency [--models cifar:resnet20 ...] [--batches 1 64] [--threads 1]
-  lcsurgery bench tradeoff --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 5
+  lcsurgery bench tradeoff --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 3 --seeds 0 1 --baselines static torch-pruning
   lcsurgery bench kernels [--models cifar:resnet20 ...] [--batches 1] [--threads 1]
+  lcsurgery bench budget --builtin [--data cifar10.tar.gz --checkpoint r20.th] --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lcsurgery.bench import kernels, latency, tradeoff
+from lcsurgery.bench import budget, kernels, latency, tradeoff
 from lcsurgery.cli import finetune
+from lcsurgery.errors import LCSurgeryError
 from lcsurgery.train.config import FinetuneConfig
 
 
@@ -35,17 +37,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ker.add_argument("--rounds", type=int, default=300, help="timed rounds per conv shape (capped at ~10 s a shape)")
     ker.add_argument("--warmup", type=int, default=20)
     ker.add_argument("--out", default="runs/bench/kernels.json")
+    bu = sub.add_parser("budget", help="where short fine-tunes land against their MAC budgets, over seeds", description=budget.__doc__)
+    bu.add_argument("--builtin", action="store_true", help="run on the built-in shapes task with the shipped ResNet-20")
+    bu.add_argument("--data", help="another task's data (with --checkpoint: its pretrained cifar:resnet20 weights)")
+    bu.add_argument("--checkpoint", help="pretrained cifar:resnet20 weights for --data")
+    bu.add_argument("--placements", nargs="+", choices=("sequential", "parallel"), default=["sequential", "parallel"])
+    bu.add_argument("--budgets", nargs="+", type=float, default=[0.35, 0.5, 0.7])
+    bu.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    bu.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
+    bu.add_argument("--out", default="runs/bench/budget")
     tr = sub.add_parser("tradeoff", help="dense fine-tune and LC-Net at several MAC budgets, both placements", description=tradeoff.__doc__)
     finetune.add_arguments(tr, single_run=False)
     tr.add_argument("--out", default="runs/tradeoff", help="one run folder per fine-tune, plus results.json/.md and tradeoff.png")
     tr.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35])
+    tr.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeat every run but the dense teacher per seed; the table gives the mean and each seed")
+    tr.add_argument("--baselines", nargs="*", choices=tradeoff.BASELINES, default=["static"], help="static rows beside the dynamic ones: LC-Net's gates made static, and Torch-Pruning (needs lcsurgery[compare])")
     tr.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs, train nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "tradeoff":
         base = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and k != "out"})
-        tradeoff.run(base, args.budgets, Path(args.out), train=not args.report_only)
+        tradeoff.run(base, args.budgets, Path(args.out), train=not args.report_only, seeds=args.seeds, baselines=tuple(args.baselines))
+    if args.benchmark == "budget":
+        if bool(args.data) != bool(args.checkpoint):
+            raise LCSurgeryError("bench budget: --data and --checkpoint go together (the task's data and its pretrained weights)")
+        tasks = ([budget.BUILTIN] if args.builtin else []) + ([budget.Task(Path(args.data).name.split(".")[0], args.data, args.checkpoint)] if args.data else [])
+        budget.run(tasks, args.placements, args.budgets, args.seeds, Path(args.out), train=not args.report_only)
     if args.benchmark == "latency":
         latency.run(
             args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out),

@@ -43,14 +43,15 @@ def make_figures(run: Path, data: str | None, test_subset: int | None, out: Path
     images = torch.cat([x for x, _ in loaders.test]) * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     written = [
         figures.extreme_images(images, report.per_sample, report.labels, report.predictions, loaders.classes, out / "extreme_images.png", dense=report.dense),
-        figures.macs_histogram({"sequential": report.per_sample, "parallel": other.per_sample}, report.dense, out / "macs_histogram.png"),
+        figures.macs_histogram({"sequential": report.per_sample, "parallel": other.per_sample}, report.dense, out / "macs_histogram.png", report.dynamics().get("distinct_patterns")),
         figures.skip_rates(report.by_block, out / "skip_rates.png"),
+        figures.gate_usage(report.usage.rates(), out / "gate_usage.png"),
     ]
     if report.masks:
         written.append(figures.channel_heatmap(report.masks, report.labels, loaders.classes, out / "channel_heatmap.png"))
     if (run / "steps.jsonl").exists():
         written.append(figures.controller_plot(run / "steps.jsonl", out / "controller.png", cfg.budget))
     if tradeoff is not None:
-        rows = json.loads((tradeoff / "results.json").read_text())["rows"]
-        written.append(figures.tradeoff_plot(rows, out / "tradeoff.png"))
+        groups = json.loads((tradeoff / "results.json").read_text())["groups"]
+        written.append(figures.tradeoff_plot(groups, out / "tradeoff.png"))
     return written

@@ -1,12 +1,13 @@
 """Figures as PNG (matplotlib, no display needed): the paper's Fig. 5-7 and run diagnostics.
 
-- ``tradeoff_plot``: accuracy vs mean MACs per image across budgets, per placement, with the
-  dense point (paper Fig. 5).
+- ``tradeoff_plot``: accuracy vs mean MACs per image across budgets: dynamic gates per placement,
+  static gates, Torch-Pruning, and the dense point (paper Fig. 5).
 - ``extreme_images``: the test images needing the fewest and the most MACs (Fig. 6).
 - ``channel_heatmap``: per-class fraction of images activating each gated channel of the last
   blocks (Fig. 7).
 - ``macs_histogram``: distribution of per-image MACs for both placements.
 - ``skip_rates``: per-block skip rate and active-channel fraction.
+- ``gate_usage``: per block, the share of gates always off, conditional and always on.
 - ``controller_plot``: the MAC fraction and penalty strength over training steps.
 """
 
@@ -38,32 +39,39 @@ def _millions(x: float) -> float:
     return x / 1e6
 
 
-def tradeoff_plot(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Top-1 accuracy against mean MACs per image; one line per placement, the dense model as a star."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    dense = [r for r in rows if r["placement"] is None]
-    for placement, (color, marker) in PLACEMENT_STYLE.items():
-        pts = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["mean_macs"])
+SERIES_STYLE = {
+    ("dynamic", "sequential"): ("tab:blue", "o", "-", "LC-Net dynamic, sequential"),
+    ("dynamic", "parallel"): ("tab:orange", "s", "-", "LC-Net dynamic, parallel"),
+    ("static", "sequential"): ("tab:green", "D", "--", "LC-Net static gates"),
+    ("static", "parallel"): ("tab:olive", "d", "--", "LC-Net static gates, parallel"),
+    ("torch-pruning", None): ("tab:purple", "^", ":", "Torch-Pruning"),
+}
+
+
+def tradeoff_plot(groups: list[dict], path: Path, title: str = "") -> Path:
+    """Top-1 accuracy against mean MACs per image: one line per kind of run (dynamic gates per
+    placement, static gates, Torch-Pruning), the seeds' range as error bars, the dense model as a star."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    for (kind, placement), (color, marker, style, label) in SERIES_STYLE.items():
+        pts = sorted((g for g in groups if g["kind"] == kind and g["placement"] == placement), key=lambda g: g["mean_macs"])
         if not pts:
             continue
-        xs = [_millions(r["mean_macs"]) for r in pts]
-        ys = [100 * r["val_accuracy"] for r in pts]
-        ax.plot(xs, ys, marker=marker, color=color, label=f"LC-Net, {placement}")
-        for r, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"budget {r['budget']:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color=color)
-    same_gates = [r for r in rows if r["placement"] == "sequential" and (r.get("macs_by_placement") or {}).get("parallel")]
-    if same_gates and not any(r["placement"] == "parallel" for r in rows):
-        pts = sorted(same_gates, key=lambda r: r["macs_by_placement"]["parallel"])
-        color, marker = PLACEMENT_STYLE["parallel"]
-        xs = [_millions(r["macs_by_placement"]["parallel"]) for r in pts]
-        ax.plot(xs, [100 * r["val_accuracy"] for r in pts], marker=marker, color=color, linestyle="--", fillstyle="none", label="same gates, parallel schedule")
-    for r in dense:
-        ax.plot(_millions(r["mean_macs"]), 100 * r["val_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="dense fine-tune")
+        xs = np.array([_millions(g["mean_macs"]) for g in pts])
+        ys = np.array([100 * g["val_accuracy"] for g in pts])
+        accs = [np.array(g.get("accuracies") or [g["val_accuracy"]]) * 100 for g in pts]
+        err = np.array([[y - a.min() for y, a in zip(ys, accs)], [a.max() - y for y, a in zip(ys, accs)]])
+        ax.errorbar(xs, ys, yerr=err, marker=marker, color=color, linestyle=style, capsize=3, label=label)
+        if kind == "dynamic" and placement == "sequential":
+            for g, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(f"budget {g['budget']:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color=color)
+    for g in groups:
+        if g["kind"] == "dense":
+            ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="dense fine-tune")
     ax.set_xlabel("mean MACs per image (millions)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy vs MACs", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
@@ -94,36 +102,70 @@ def extreme_images(
 
 
 def channel_heatmap(masks: dict[str, Tensor], labels: Tensor, classes: list[str], path: Path, blocks: int = 2) -> Path:
-    """Per class, the fraction of images that activate each gated channel of the last ``blocks`` blocks."""
-    names = list(masks)[-blocks:]
+    """Per class, the fraction of images that activate each gated channel, for the ``blocks`` blocks
+    whose channel use differs most between classes (the last blocks when no block differs)."""
+
+    def per_class(m: Tensor) -> Tensor:
+        return torch.stack([m[labels == c].mean(0) if (labels == c).any() else torch.zeros(m.shape[1]) for c in range(len(classes))])
+
+    spread = {n: float(per_class(m.float()).std(0).mean()) for n, m in masks.items()}
+    ranked = sorted(masks, key=lambda n: (spread[n], list(masks).index(n)), reverse=True)[:blocks]
+    names = [n for n in masks if n in ranked]
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         m = masks[name].float()
-        per_class = torch.stack([m[labels == c].mean(0) if (labels == c).any() else torch.zeros(m.shape[1]) for c in range(len(classes))])
         order = torch.argsort(m.mean(0), descending=True)
-        im = ax.imshow(per_class[:, order].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        im = ax.imshow(per_class(m)[:, order].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("gated channel (sorted by overall activation)", fontsize=8)
-        ax.set_title(f"{name}: {m.shape[1]} channels", fontsize=9)
+        ax.set_title(f"{name}: {m.shape[1]} channels (between-class spread {spread[name]:.3f})", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03, pad=0.02, label="fraction of the class's images with the channel active")
     fig.suptitle("channel activation per class", fontsize=10)
     return _save(fig, path)
 
 
-def macs_histogram(per_placement: dict[str, Tensor], dense: float, path: Path) -> Path:
-    """Histogram of MACs per image under each placement, with the dense model's cost marked."""
+def macs_histogram(per_placement: dict[str, Tensor], dense: float, path: Path, patterns: int | None = None) -> Path:
+    """Histogram of MACs per image under each placement, with the dense model's cost marked and,
+    per placement, the spread (p90/p10) that says whether images really differ in cost."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     lo = min(float(v.min()) for v in per_placement.values())
     bins = np.linspace(_millions(lo) * 0.95, _millions(dense) * 1.02, 40)
     for placement, values in per_placement.items():
         color, _ = PLACEMENT_STYLE[placement]
         v = values.double().numpy() / 1e6
-        ax.hist(v, bins=bins, alpha=0.55, color=color, label=f"{placement} (mean {v.mean():.2f}M)")
+        p10, p90 = np.percentile(v, [10, 90])
+        ax.hist(v, bins=bins, alpha=0.55, color=color, label=f"{placement}: mean {v.mean():.2f}M, p10-p90 {p10:.2f}-{p90:.2f}M (x{p90 / p10:.2f})")
     ax.axvline(_millions(dense), color="black", linestyle="--", label=f"dense {_millions(dense):.2f}M")
     ax.set_xlabel("MACs per image (millions)")
     ax.set_ylabel("images")
+    if patterns is not None:
+        n = len(next(iter(per_placement.values())))
+        ax.set_title(f"{patterns} distinct gate patterns over {n} images", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def gate_usage(rates: dict[str, Tensor], path: Path, band: tuple[float, float] = (0.05, 0.95)) -> Path:
+    """Per block, the share of its gates that are always off, conditional (on for some images
+    only) or always on over the counted images: static gates show no middle band at all."""
+    lo, hi = band
+    names = list(rates)
+    off = np.array([float((rates[n] <= lo).double().mean()) for n in names])
+    on = np.array([float((rates[n] >= hi).double().mean()) for n in names])
+    cond = 1 - off - on
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(names)), 3.8))
+    ax.bar(x, off, color="tab:gray", label=f"always off (on for <= {lo:.0%} of images)")
+    ax.bar(x, cond, bottom=off, color="tab:purple", label="conditional: on for some images, off for others")
+    ax.bar(x, on, bottom=off + cond, color="tab:green", label=f"always on (>= {hi:.0%})")
+    every = torch.cat(list(rates.values())) if rates else torch.zeros(0)
+    share = float(((every > lo) & (every < hi)).double().mean()) if every.numel() else 0.0
+    ax.set_title(f"gates that depend on the image: {100 * share:.1f}% of all gates", fontsize=9)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("share of the block's gates (L-gate and C-gates)")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=1, frameon=False)
     return _save(fig, path)
 
 
