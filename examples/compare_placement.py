@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import lcsurgery
-from lcsurgery.bench.compare import compare, load_run
+from lcsurgery.bench.compare import compare
+from lcsurgery.train import load_run
 from lcsurgery.data.loaders import make_loaders
 
 

@@ -18,7 +18,7 @@ import sys
 
 import timm
 
-import lcsurgery
+from lcsurgery.train import FinetuneConfig, finetune
 
 
 def pretrained_weights_reachable() -> bool:
@@ -53,12 +53,12 @@ def main() -> None:
         bar = "!" * 78
         print(f"{bar}\n!! No pretrained weights: starting from RANDOM weights. This shows the workflow,\n"
               f"!! not retrofitting; pass --checkpoint resnet50.pth (timm or torchvision layout).\n{bar}", file=sys.stderr)  # fmt: skip
-    cfg = lcsurgery.FinetuneConfig(
+    cfg = FinetuneConfig(
         model="timm:resnet50", pretrained=pretrained, checkpoint=args.checkpoint, data=args.data, size=args.size,
         placement=args.placement, budget=args.budget, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         train_subset=args.train_subset, test_subset=args.test_subset, amp=args.amp, out=args.out, force=args.force,
     )  # fmt: skip
-    metrics = lcsurgery.finetune(cfg)
+    metrics = finetune(cfg)
     keys = ("val_accuracy", "mean_macs", "dense_macs", "mac_fraction", "mean_macs_by_placement", "placement")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     print(f"next: lcsurgery compare {args.out}    and    lcsurgery figures {args.out}")

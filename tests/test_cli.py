@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from PIL import Image
@@ -9,6 +11,7 @@ from PIL import Image
 from lcsurgery.cli import main
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--data", "synthetic:600", "--epochs", "1", "--test-subset", "200", "--rounds", "3", "--out", str(out)]

@@ -42,6 +42,7 @@ class TestDistillation:
         assert runs["dense"].teacher is None and runs["dense"].dense
         assert {n: r.teacher for n, r in runs.items() if n != "dense"} == {n: str(tmp_path / "dense") for n in ("static-sequential-50", "sequential-50", "parallel-50")}
 
+    @pytest.mark.slow
     def test_weight_zero_is_plain_training_and_a_teacher_changes_the_result(self, tmp_path):
         common = dict(model=TINY, data="synthetic:400", test_subset=100, batch_size=40, epochs=1, seed=2)
         finetune(FinetuneConfig(**common, dense=True, out=str(tmp_path / "dense")))

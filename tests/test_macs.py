@@ -156,3 +156,26 @@ class TestBadInput:
     def test_last_macs_before_any_forward(self):
         with pytest.raises(lcsurgery.LCSurgeryError, match="has not run a forward pass yet"):
             lcsurgery.last_macs(_convert("cifar.resnet20", "parallel"))
+
+
+def test_dynamics_count_patterns_and_conditional_gates_exactly():
+    """The report's dynamic-ness equals what the explicit per-image masks say: distinct on/off
+    vectors, and the share of gates on for 5-95% of the images."""
+    lc = lcsurgery.convert(original("cifar.resnet20"), "sequential").eval()
+    randomize_gates(lc, seed=4)
+    x = example("cifar.resnet20", batch=40, seed=5)
+    report = lcsurgery.count_macs(lc, x, keep_masks=True, batch_size=16)
+    blocks = lcsurgery.gated_blocks(lc)
+    columns = []
+    for j, b in enumerate(blocks):
+        columns += [report.keep[:, j : j + 1], report.masks[b.name] & report.keep[:, j : j + 1]]
+    on = torch.cat(columns, 1)
+    dyn = report.dynamics()
+    assert dyn["distinct_patterns"] == len(torch.unique(on, dim=0))
+    rates = on.double().mean(0)
+    assert dyn["conditional_gates"] == pytest.approx(float(((rates > 0.05) & (rates < 0.95)).double().mean()))
+    frac = report.per_sample.double() / report.dense
+    assert dyn["mac_fraction"]["p90"] == pytest.approx(float(torch.quantile(frac, 0.9)))
+    assert dyn["mac_fraction"]["min"] == pytest.approx(float(frac.min())) and dyn["images"] == 40
+    assert "distinct gate patterns" in report.summary() and "conditional" in report.summary()
+    assert report.with_placement("parallel").dynamics()["distinct_patterns"] == dyn["distinct_patterns"]  # same decisions

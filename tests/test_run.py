@@ -52,6 +52,7 @@ def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lcsurgery.cli", "finetune", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     args = ["--model", TINY, "--data", "synthetic:1200", "--test-subset", "100", "--batch-size", "20", "--epochs", "4", "--budget", "0.6", "--seed", "3"]
     straight = _run_cli([*args, "--out", str(tmp_path / "straight")])
@@ -73,6 +74,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((tmp_path / "straight" / "metrics.json").read_text()) == json.loads((tmp_path / "killed" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     common = ["--model", TINY, "--data", "synthetic:320", "--test-subset", "40", "--epochs", "1", "--budget", "0.7", "--gate-noise", "0", "--seed", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -98,3 +100,30 @@ def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(tmp_path):
     with pytest.raises(lcsurgery.LCSurgeryError, match=r"training diverged: the loss is (nan|inf) at step \d+ \(epoch 1\).*holds nothing yet.*lower --lr"):
         finetune(cfg)
     assert not any((out / f).exists() for f in ("last.pt", "model.pt", "metrics.json"))
+
+
+def test_a_run_off_its_budget_says_so_last_and_in_metrics(tmp_path, monkeypatch, capsys):
+    """Wherever the controller leaves a run, metrics.json records the relative error, and a run more
+    than 5% off ends with a warning that says so; a gated run from random weights is warned about first."""
+    from lcsurgery.train import loop
+
+    real = loop.evaluate
+
+    def off_budget(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        return {**metrics, "mean_macs": 0.8 * metrics["dense_macs"], "mac_fraction": 0.8}
+
+    monkeypatch.setattr(loop, "evaluate", off_budget)
+    metrics = finetune(FinetuneConfig(model=TINY, data="synthetic:200", test_subset=40, batch_size=40, epochs=1, budget=0.5, out=str(tmp_path / "run")))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["budget_error"] == pytest.approx(0.6) and saved["budget_met"] is False and metrics == saved
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("warning: fine-tuning gates on a model with random weights")
+    assert err[-1].startswith("warning: the run ended at 0.800 of the dense MACs for a budget of 0.5 (+60.0%, more than 5% off)")
+
+
+def test_budget_report_reads_the_relative_error():
+    from lcsurgery.train.budget import budget_report
+
+    assert budget_report(0.52, 0.5) == {"budget_error": 0.04, "budget_met": True}
+    assert budget_report(0.47, 0.5) == {"budget_error": -0.06, "budget_met": False}

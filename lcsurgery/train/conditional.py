@@ -101,12 +101,17 @@ def rate_bounds_loss(model: nn.Module, low: float = 0.2, high: float = 0.8, temp
     return (rate - rate.detach().clamp(low, high)).pow(2).mean()
 
 
-def batch_shaping_loss(model: nn.Module, concentration: float = 1.0, temperature: float = 0.5, floor: float = 0.05) -> Tensor:
-    """Batch-shaping per gate: (1/N) sum_i (i/(N+1) - F_Beta(x_(i)))^2 over each gate's sorted
-    values x = sigmoid(logit / temperature), the Beta prior having the gate's own current mean
-    (clamped to [floor, 1 - floor]) and ``a + b = concentration`` (1: U-shaped, decisive gates)."""
-    x = torch.sigmoid(_gate_columns(model) / temperature).t().clamp(1e-4, 1 - 1e-4)  # [gates, B]
-    x, _ = x.sort(1)
+def batch_shaping_loss(model: nn.Module, concentration: float = 1.0, temperature: float = 0.5) -> Tensor:
+    """``batch_shaping`` of every gate's values sigmoid(logit / ``temperature``) over the latest batch."""
+    return batch_shaping(torch.sigmoid(_gate_columns(model) / temperature).t(), concentration)
+
+
+def batch_shaping(values: Tensor, concentration: float = 1.0, floor: float = 0.05) -> Tensor:
+    """Batch-shaping of ``values`` [gates, batch] in (0, 1): per gate, (1/N) sum_i (i/(N+1) - F(x_(i)))^2
+    over its sorted values, F the Beta CDF with the gate's own current mean (clamped to
+    [``floor``, 1 - ``floor``]) and a + b = ``concentration`` (1: U-shaped, decisive gates); the
+    mean over gates."""
+    x, _ = values.clamp(1e-4, 1 - 1e-4).sort(1)
     mean = x.detach().mean(1, keepdim=True).clamp(floor, 1 - floor)
     a, b = mean * concentration, (1 - mean) * concentration
     n = x.shape[1]

@@ -1,0 +1,44 @@
+"""Static gates (``convert(static=True)``, ``finetune --static``): the baseline of one mask for every image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo import example, original, randomize_gates
+
+import lcsurgery
+
+
+@pytest.mark.parametrize("name", ["cifar.resnet20", "tv.resnet18", "tv.mobilenet_v2"])
+def test_static_gates_ignore_the_image_in_every_execution(name):
+    """Whatever weights the gate layers hold (here random, as a dynamic checkpoint would load),
+    a static model takes one decision for all images, and skipping equals masked execution."""
+    size = 32 if name.startswith("cifar") else 64
+    lc = lcsurgery.convert(original(name), "sequential", input_size=(3, size, size), static=True).eval()
+    randomize_gates(lc, seed=1)
+    x = example(name, batch=6, seed=3)
+    report = lcsurgery.count_macs(lc, x)
+    assert report.dynamics()["distinct_patterns"] == 1 and report.dynamics()["conditional_gates"] == 0.0
+    assert len(set(report.per_sample.tolist())) == 1
+    with torch.no_grad():
+        skipped = lc(x)
+        lc.execution = "masked"
+        masked = lc(x)
+    assert torch.allclose(skipped, masked, atol=1e-4 * float(masked.abs().max()))
+
+
+def test_the_same_gates_reading_the_image_take_several_patterns():
+    x = example("cifar.resnet20", batch=6, seed=3)
+    dynamic = lcsurgery.convert(original("cifar.resnet20"), "sequential").eval()
+    randomize_gates(dynamic, seed=1)
+    assert lcsurgery.count_macs(dynamic, x).dynamics()["distinct_patterns"] > 1
+
+
+def test_static_gate_weights_do_not_learn():
+    lc = lcsurgery.convert(original("cifar.resnet20"), "sequential", static=True).train()
+    lc(example("cifar.resnet20", batch=4)).sum().backward()
+    for b in lcsurgery.gated_blocks(lc):
+        for lin in (b.l_net, b.c_net):
+            assert not lin.weight.requires_grad and lin.weight.grad is None
+            assert lin.bias.requires_grad and lin.bias.grad is not None
+    assert lc.lc_config["static"] is True
