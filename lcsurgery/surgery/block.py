@@ -160,9 +160,8 @@ class GatedBlock(nn.Module):
     def masked_forward(self, x: Tensor) -> Tensor:
         """Compute every op and scale by the gates (differentiable; the reference semantics)."""
         # Detached: the gates learn from the backbone's features but send no gradient back into
-        # them. Through the gate input, the task loss drove a feedback loop between the stem and
-        # the first gates of a 20-epoch ResNet-20 run (backbone gradient norm 6 -> 3e6 in 80 steps,
-        # largest in the stem, then NaN); detached, the same state trained on at a steady norm.
+        # them, so the task loss cannot form a feedback loop between a block's input and its gates
+        # (docs/training.md).
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1).detach()  # fvcore counts this op (gate costs under counting="fvcore")
         if self.training and self.stats_momentum > 0:
             self.track_input(pooled)

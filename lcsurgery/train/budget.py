@@ -85,10 +85,8 @@ class BudgetController:
         return self.strength * (1.0 + 2.0 * math.tanh(error / self.band))  # under the budget: ease off, then reopen gates
 
     def calibrate(self, eval_fraction: float, train_fraction: float) -> None:
-        """Record how much eval's MACs exceed the training batches', both measured on one model state.
-
-        Not against the running average: the batch cost swings by a few percent, and an offset
-        taken at a trough (0.711 eval against 0.655) steered one run 4% under its budget."""
+        """Record how much eval's MACs exceed the training batches', both measured on one model state
+        (not against the running average, which swings by a few percent from batch to batch)."""
         self.offset = eval_fraction - train_fraction
 
     def state_dict(self) -> dict:

@@ -71,9 +71,9 @@ def _width_scaled(gates: dict) -> list[dict]:
     """One Adam group per gate tensor, weights of wide gates at ``lr * REFERENCE_WIDTH / width``.
 
     Adam moves every weight by about ``lr`` per step, so a gate logit moves by about ``lr`` times
-    the L1 norm of its pooled input, which grows with the input width: at ResNet-50's 2048
-    channels the first few steps closed almost every gate of a fresh model (we saw 17% of the
-    dense MACs after three steps). Scaling by width makes a wide gate move at a narrow one's pace.
+    the L1 norm of its pooled input, which grows with the input width: unscaled, the 2048-wide
+    gates of a ResNet-50 would close within a few steps. Scaling by width makes a wide gate move
+    at a narrow one's pace.
     """
     groups = []
     for p in gates["params"]:
@@ -108,12 +108,9 @@ def make_scheduler(opt: torch.optim.Optimizer, steps: int, freeze_gates: float |
     (a share of training; None: to the last step), then stop.
 
     Adam moves a gate by about one learning rate per step whatever the penalty strength, so
-    under a decayed rate the gates freeze and the MAC budget controller loses its grip: as the
-    gate noise faded, one 750-step parallel run's cost rose from 0.70 to 0.745 of dense and
-    stayed there while the controller tripled the penalty. Hence a constant rate, then a clean
-    stop: a 20-epoch sequential run whose gates kept learning to the end lost 1.5 points over its
-    last six epochs (the penalty kept lowering open gates' values without closing any), and the
-    same run with the gates stopped at 75% ended 1.43 points higher at the same MACs.
+    under a decayed rate the gates would freeze early and the budget controller lose its grip.
+    Hence a constant rate, then a clean stop, after which the backbone trains against a fixed
+    gate function (docs/training.md says what that is worth).
     """
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))  # noqa: E731
     stop = math.inf if freeze_gates is None else freeze_gates * steps

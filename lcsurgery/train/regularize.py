@@ -4,7 +4,7 @@
 It recomputes the gates from the *detached* pooled block inputs: the penalty trains the gates
 only. Were it to flow into the backbone through the gates' inputs, a strong penalty would warp
 the features themselves to close gates, and wreck a pretrained backbone within a few hundred
-steps (we saw this: train accuracy fell from 80% to 14%). The task loss trains both, but the
+steps. The task loss trains both, but the
 gates' inputs are detached in the block itself (see ``GatedBlock.masked_forward``), so the
 backbone learns only through its own branches. It is the mean over
 gate groups (each block's L-gate, each block's C-gates) of the batch-mean gate value, so it is
@@ -80,9 +80,8 @@ def macs_penalty(model: nn.Module, placement: str | None = None, temperature: fl
     gate logits. Each on/off decision is a step function with a sigmoid surrogate gradient, and
     the cost formula is the exact one (a channel is charged only where its block runs). Unlike
     ``gate_l1``, it charges a gate at 0.2 as much as a gate at 1: it does not reward attenuating
-    a branch that still costs its MACs, only closing it. Under an L1 penalty the gates of a
-    retrofitted ResNet-20 settled around S = 0.2 (the task loss resisting harder as S shrinks):
-    accuracy lost, nothing skipped. Like ``gate_l1`` it trains the gates only.
+    a branch that still costs its MACs, only closing it (under L1, retrofitted gates settle at
+    small positive values: accuracy lost, nothing skipped). Like ``gate_l1`` it trains the gates only.
     """
     lc = unwrap(model)
     placement = placement or lc.placement
