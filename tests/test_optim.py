@@ -71,7 +71,7 @@ def test_backbone_rate_decays_and_gate_rate_holds_until_the_freeze(freeze):
 
 def test_frozen_gates_stay_fixed_while_the_backbone_trains(tmp_path, monkeypatch):
     """With ``freeze_gates=0.5`` over two epochs, epoch 2 leaves every gate parameter as epoch 1 left it
-    and logs no penalty; the gate noise is gone by then too, so training ends on the eval function."""
+    (but for the gates ``land`` flipped to meet the budget) and logs no penalty; the gate noise is gone by then too, so training ends on the eval function."""
     saved = []
     real_save = run_folder.save
     monkeypatch.setattr(loop, "save", lambda path, obj: (saved.append(copy.deepcopy(obj)) if path.name == "last.pt" else None, real_save(path, obj)))
@@ -82,7 +82,11 @@ def test_frozen_gates_stay_fixed_while_the_backbone_trains(tmp_path, monkeypatch
     finetune(cfg)
     first, second = (s["model"] for s in saved)
     gate_keys = [k for k in first if k.startswith("lc_gates.")]
-    assert gate_keys and all(torch.equal(first[k], second[k]) for k in gate_keys)  # input statistics included
+    landing = saved[1]["landing"]  # gates flipped to meet the budget when they froze, if any; nothing else moves
+    assert saved[0]["landing"] is None and landing["step"] == 10
+    flipped = sum(int((first[k] != second[k]).sum()) for k in gate_keys if k.endswith(".bias"))
+    assert flipped == landing["closed"] + landing["opened"]
+    assert gate_keys and all(torch.equal(first[k], second[k]) for k in gate_keys if not k.endswith(".bias"))  # input statistics included
     assert all(int(first[k]) == 10 for k in gate_keys if k.endswith("input_batches"))  # the 10 batches before the freeze
     assert any(not torch.equal(first[k], second[k]) for k in first if k not in gate_keys and first[k].is_floating_point())
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]

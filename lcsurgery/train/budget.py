@@ -12,17 +12,29 @@ gates, continuous at the target so that gates do not chatter. Training batches s
 in training mode and augmented images, so their cost differs from eval's; ``calibrate`` shifts
 the target the batches are steered to by the gap measured on one model state.
 
+When the gates stop learning, ``land`` checks the cost eval will pay on held-out training images.
+Gates whose decisions flip for every image at once (static gates, or a short run's avalanche)
+can leave it further from the budget than any controller can help; then whole gates are flipped,
+those nearest their threshold first, and no other gate is touched (a common shift of every
+logit would also rescale every gate value in (0, 1), which costs accuracy).
 ``docs/training.md`` says how this design was arrived at and where it still misses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
+from torch import Tensor, nn
+
 from lcsurgery.errors import LCSurgeryError
+from lcsurgery.macs.dynamic import count_macs
+from lcsurgery.surgery.model import unwrap
 
 TOLERANCE = 0.05  # a run that ends further than this (relative) from its budget says so
+LANDING_TOLERANCE = 0.02  # when the gates freeze further than this from the budget, whole gates are flipped
 
 
 def check_budget(budget: float) -> None:
@@ -101,3 +113,84 @@ def budget_report(fraction: float, budget: float) -> dict:
     """How far a run ended from its budget: the relative error and whether it is within ``TOLERANCE``."""
     error = fraction / budget - 1.0
     return {"budget_error": round(error, 4), "budget_met": abs(error) <= TOLERANCE}
+
+
+@dataclass(frozen=True)
+class Landing:
+    """What ``land`` did: the MAC fraction before and after, and how many gates it closed or opened."""
+
+    before: float
+    after: float
+    closed: int = 0
+    opened: int = 0
+
+    def as_dict(self) -> dict:
+        return {"before": round(self.before, 4), "after": round(self.after, 4), "closed": self.closed, "opened": self.opened}
+
+
+@torch.no_grad()
+def land(model: nn.Module, images: Sequence[Tensor], budget: float, placement: str, tolerance: float = LANDING_TOLERANCE) -> Landing:
+    """Bring eval-mode MACs on ``images`` within ``tolerance`` (relative) of ``budget`` by flipping whole gates.
+
+    Over budget, the gates that are on for some image are closed for every image, lowest mean
+    logit first (the least sure, whose values are smallest); under it, closed gates are opened
+    (their smallest logit set to 1, a full-valued channel), highest mean logit first. How many to
+    flip is found by bisection; only the flipped gates' biases change. ``images`` are held-out
+    training images, never the test set. The model is left in the mode it was in.
+    """
+    check_budget(budget)
+    lc = unwrap(model)
+    training = lc.training
+    lc.eval()
+    try:
+        before = count_macs(lc, list(images), placement, progress=False).ratio
+        if abs(before / budget - 1) <= tolerance:
+            return Landing(before, before)
+        closing = before > budget
+        gates = _gate_logit_ranges(lc, images)  # (layer, index, mean, min, max) of every gate's logit
+        if closing:  # gates on for some image, least sure first
+            candidates = sorted((g for g in gates if g[4] > 0), key=lambda g: g[2])
+        else:  # gates off for some image, nearest to opening first
+            candidates = sorted((g for g in gates if g[3] <= 0), key=lambda g: g[2], reverse=True)
+        start = [float(lin.bias[i]) for lin, i, *_ in candidates]
+
+        def fraction(k: int) -> float:
+            """The MAC fraction with the first ``k`` candidates flipped (closed below their largest
+            logit, or opened to a smallest logit of 1) and the rest as they were."""
+            for n, ((lin, i, _, low, high), bias) in enumerate(zip(candidates, start)):
+                lin.bias[i] = bias if n >= k else bias - high - 0.5 if closing else bias + 1.0 - low
+            return count_macs(lc, list(images), placement, progress=False).ratio
+
+        # the fraction moves monotonically with k (more closed: cheaper): the first k past the budget
+        lo, hi = 0, len(candidates)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if (fraction(mid) <= budget) if closing else (fraction(mid) >= budget):
+                hi = mid
+            else:
+                lo = mid + 1
+        options = [(abs(fraction(k) - budget), k) for k in {max(lo - 1, 0), lo}]
+        _, k = min(options)
+        after = fraction(k)
+        return Landing(before, after, closed=k if closing else 0, opened=0 if closing else k)
+    finally:
+        lc.train(training)
+
+
+def _gate_logit_ranges(lc: nn.Module, images: Sequence[Tensor]) -> list[tuple[nn.Linear, int, float, float, float]]:
+    """Every gate (its layer and output index) with its mean, min and max logit over ``images``, in eval mode."""
+    sums: dict = {}
+    for x in images:
+        lc(x)
+        for b in lc.lc_blocks():
+            for lin, z in ((b.l_net, b.last.z_l), (b.c_net, b.last.z_c)):
+                if lin is None:
+                    continue
+                z = z.reshape(len(x), -1).double().cpu()
+                total, lo, hi, n = sums.get(lin, (0.0, None, None, 0))
+                sums[lin] = (total + z.sum(0), z.min(0).values if lo is None else torch.minimum(lo, z.min(0).values), z.max(0).values if hi is None else torch.maximum(hi, z.max(0).values), n + len(x))
+    out = []
+    for lin, (total, lo, hi, n) in sums.items():
+        for i in range(lin.out_features):
+            out.append((lin, i, float(total[i] / n), float(lo[i]), float(hi[i])))
+    return out

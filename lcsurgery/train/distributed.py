@@ -49,6 +49,14 @@ class Dist:
         dist.all_gather(every, mine)
         return all(torch.equal(every[0], e) for e in every[1:])
 
+    def broadcast_gates(self, model: torch.nn.Module) -> None:
+        """Rank 0's gate biases on every rank (after rank 0 alone has changed them)."""
+        if self.world == 1:
+            return
+        for name, p in model.named_parameters():
+            if name.startswith("lc_gates.") and name.endswith(".bias"):
+                dist.broadcast(p.data, src=0)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -26,12 +26,12 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.macs.dynamic import last_macs
 from lcsurgery.macs.static import static_costs
 from lcsurgery.train import distributed
-from lcsurgery.train.budget import BudgetController, budget_report
+from lcsurgery.train.budget import BudgetController, budget_report, land
 from lcsurgery.train.build import build_model
 from lcsurgery.train.conditional import conditional_loss
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.distill import build_teacher, distill_loss
-from lcsurgery.train.evaluate import cost_gap, evaluate
+from lcsurgery.train.evaluate import cost_gap, evaluate, first_images
 from lcsurgery.train.optim import make_optimizer, make_scheduler
 from lcsurgery.train.regularize import gate_l1, macs_penalty
 from lcsurgery.train.run_folder import STRUCTURE_FILE, prepare_out, save
@@ -88,6 +88,7 @@ class _Run:
         self.opt = make_optimizer(self.model, cfg, self.steps)
         self.sched = make_scheduler(self.opt, self.steps, cfg.freeze_gates)
         self.controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0, ramp=cfg.budget_ramp) if cfg.gated and cfg.budget is not None else None
+        self.landing: dict | None = None  # what land() did when the gates froze (None: not yet)
         self.scaler = torch.amp.GradScaler(enabled=cfg.amp and d.device.type == "cuda")
         self.amp_dtype = torch.float16 if d.device.type == "cuda" else torch.bfloat16
         self.start = self._resume() if cfg.resume else 0
@@ -102,6 +103,7 @@ class _Run:
         self.sched.load_state_dict(state["scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
+            self.landing = state.get("landing")
         torch.set_rng_state(state["rng"])
         if self.d.main:
             print(f"resuming {self.out} after epoch {state['epoch']}")
@@ -111,6 +113,9 @@ class _Run:
         metrics: dict = {}
         for epoch in range(self.start, self.cfg.epochs):
             metrics = self._epoch(epoch)
+        if self.controller is not None and self.landing is None:  # gates that never froze are landed once training ends
+            self._land()
+            metrics = {}
         in_sync = self.d.parameters_identical(self.model)
         if not self.d.main:
             return {}
@@ -124,6 +129,8 @@ class _Run:
         }  # fmt: skip
         if cfg.budget is not None:
             final.update(budget_report(final["mac_fraction"], cfg.budget))
+            if self.landing is not None:
+                final["landing"] = self.landing
         (self.out / "metrics.json").write_text(json.dumps(final, indent=2))
         if self.controller is not None and not final["budget_met"]:
             _warn(
@@ -163,6 +170,8 @@ class _Run:
         cfg, d, lc = self.cfg, self.d, self.lc
         progress = self.sched.last_epoch / self.steps
         frozen = gates_frozen(progress, cfg.freeze_gates)
+        if frozen and self.controller is not None and self.landing is None:
+            self._land()
         if lc is not None:
             noise = cfg.gate_noise * noise_factor(progress, cfg.budget_ramp, cfg.freeze_gates)
             set_gate_training(lc, noise, 0.0 if frozen else cfg.gate_input_momentum, cfg.per_image_loss == "importance")
@@ -203,6 +212,21 @@ class _Run:
         self.sched.step()
         return logits, loss_value, info
 
+    def _land(self) -> None:
+        """When the gates stop learning: if eval would pay more than 2% off the budget on held-out
+        training images, flip whole gates until it does not (rank 0 decides; the flipped biases
+        reach every rank by broadcast, so the ranks stay identical)."""
+        d = self.d
+        if d.main:
+            landing = land(self.model, first_images(self.loaders.calibration, d.device), self.cfg.budget, self.cfg.placement)
+            self.landing = {"step": self.sched.last_epoch, **landing.as_dict()}
+            if landing.closed or landing.opened:
+                print(f"gates frozen at step {self.sched.last_epoch}: eval MACs on held-out training images {landing.before:.3f} of dense, "
+                      f"{landing.after:.3f} after {'closing' if landing.closed else 'opening'} {landing.closed or landing.opened} gates")  # fmt: skip
+        else:
+            self.landing = {"step": self.sched.last_epoch}
+        d.broadcast_gates(self.model)
+
     def _log_epoch(self, epoch: int, metrics: dict, train_loss: float, train_accuracy: float, seconds: float) -> None:
         cfg = self.cfg
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy, **metrics, "lr": self.sched.get_last_lr()[0], "seconds": round(seconds, 1)}
@@ -210,10 +234,12 @@ class _Run:
             record["gates_frozen"] = gates_frozen(self.sched.last_epoch / self.steps, cfg.freeze_gates)
         if self.controller is not None:
             record["penalty_strength"] = 0.0 if record["gates_frozen"] else self.controller.strength
+            record["landing"] = self.landing
         with open(self.out / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         state = {"epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state()}
         if self.controller is not None:
             state["controller"] = self.controller.state_dict()
+            state["landing"] = self.landing
         save(self.out / "last.pt", state)
         print(f"epoch {epoch + 1}: val accuracy {metrics['val_accuracy']:.4f}, MACs {metrics['mac_fraction']:.3f} of dense")
