@@ -5,7 +5,8 @@ row: the dense fine-tune; LC-Net's gates made static (``--static``: the same gat
 controller, bias only, one mask for every image); Torch-Pruning pruned to the budget and
 fine-tuned (``--baselines torch-pruning``); and LC-Net's dynamic gates under both placements.
 With ``--seeds 0 1`` every run but the dense teacher is repeated per seed and the table gives
-the mean and each seed. Every run is an ordinary ``lcsurgery finetune`` run folder under
+the mean and each seed. ``--recipes`` adds sequential rows trained with the per-image gate options
+(``RECIPES``), so the recipes are compared with the default on the same table. Every run is an ordinary ``lcsurgery finetune`` run folder under
 ``--out``: finished runs are reused (if their configuration matches) and interrupted ones
 resumed. Writes ``results.json``, ``results.md`` and ``tradeoff.png``.
 """
@@ -23,6 +24,20 @@ from lcsurgery.train.loop import finetune
 
 BASELINES = ("static", "torch-pruning")
 KIND_ORDER = ("dense", "static", "torch-pruning", "dynamic")
+# Gate-training recipes that make the gates decide per image: the options each sets over the base run.
+RECIPES: dict[str, dict] = {
+    "std": {"gate_input_momentum": 0.05},
+    "importance": {"gate_input_momentum": 0.05, "per_image_loss": "importance"},
+    "shaping": {"gate_input_momentum": 0.05, "per_image_loss": "shaping"},
+    "rates": {"gate_input_momentum": 0.05, "per_image_loss": "rates"},
+}
+RECIPE_LABELS = {
+    "default": "",
+    "std": "standardised gate input",
+    "importance": "per-image channel targets + standardised input",
+    "shaping": "batch-shaping + standardised input",
+    "rates": "per-gate rate targets + standardised input",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +48,21 @@ class Planned:
     kind: str  # dense, static, torch-pruning or dynamic
     seed: int
     cfg: FinetuneConfig
+    recipe: str = "default"  # for dynamic runs: "default" or a key of RECIPES
 
 
-def plan(base: FinetuneConfig, budgets: list[float], out: Path, seeds: list[int] = (0,), baselines: tuple[str, ...] = ("static",)) -> list[Planned]:
-    """The dense run first (never distilled, seed 0), then per seed and budget the baselines and
-    the dynamic runs of both placements; ``teacher="dense"`` makes every other run distil from
-    the benchmark's own dense run."""
+def plan(
+    base: FinetuneConfig, budgets: list[float], out: Path, seeds: list[int] = (0,), baselines: tuple[str, ...] = ("static",), recipes: tuple[str, ...] = ()
+) -> list[Planned]:
+    """The dense run first (never distilled, seed 0), then per seed and budget the baselines, the
+    dynamic runs of both placements and one sequential run per recipe; ``teacher="dense"`` makes
+    every other run distil from the benchmark's own dense run."""
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise LCSurgeryError(f"unknown baselines {sorted(unknown)}: choose from {', '.join(BASELINES)}")
+    unknown = set(recipes) - set(RECIPES)
+    if unknown:
+        raise LCSurgeryError(f"unknown recipes {sorted(unknown)}: choose from {', '.join(RECIPES)}")
     dense = dataclasses.replace(base, dense=True, budget=None, teacher=None, static=False, per_image_loss="none", seed=0, out=str(out / "dense"))
     runs = [Planned("dense", "dense", 0, dense)]
     if base.teacher == "dense":
@@ -57,6 +78,9 @@ def plan(base: FinetuneConfig, budgets: list[float], out: Path, seeds: list[int]
                 runs.append(Planned(f"torch-pruning-{pct}{suffix}", "torch-pruning", seed, dataclasses.replace(base, prune="torch-pruning", placement="sequential", static=False, per_image_loss="none", **common)))
             for placement in ("sequential", "parallel"):
                 runs.append(Planned(f"{placement}-{pct}{suffix}", "dynamic", seed, dataclasses.replace(base, placement=placement, **common)))
+            for recipe in recipes:
+                cfg = dataclasses.replace(base, placement="sequential", **RECIPES[recipe], **common)
+                runs.append(Planned(f"{recipe}-sequential-{pct}{suffix}", "dynamic", seed, cfg, recipe))
     return [dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, out=str(out / r.name))) for r in runs]
 
 
@@ -71,11 +95,17 @@ def _check_same(run: Planned) -> None:
 
 
 def run(
-    base: FinetuneConfig, budgets: list[float], out: Path, train: bool = True, seeds: list[int] = (0,), baselines: tuple[str, ...] = ("static",)
+    base: FinetuneConfig,
+    budgets: list[float],
+    out: Path,
+    train: bool = True,
+    seeds: list[int] = (0,),
+    baselines: tuple[str, ...] = ("static",),
+    recipes: tuple[str, ...] = (),
 ) -> list[dict]:
     """Run (or reuse) every fine-tune, then tabulate and plot; ``train=False`` reports the finished runs only."""
     rows = []
-    for r in plan(base, budgets, out, list(seeds), tuple(baselines)):
+    for r in plan(base, budgets, out, list(seeds), tuple(baselines), tuple(recipes)):
         folder = Path(r.cfg.out)
         if not (folder / "metrics.json").exists():
             if not train:
@@ -88,7 +118,7 @@ def run(
         m = json.loads((folder / "metrics.json").read_text())
         dyn = m.get("dynamics") or {}
         rows.append({
-            "run": r.name, "kind": r.kind, "seed": r.seed, "placement": m.get("placement"), "budget": m.get("budget"),
+            "run": r.name, "kind": r.kind, "recipe": r.recipe, "seed": r.seed, "placement": m.get("placement"), "budget": m.get("budget"),
             "val_accuracy": m["val_accuracy"], "mean_macs": m["mean_macs"], "dense_macs": m["dense_macs"],
             "mac_fraction": m["mean_macs"] / m["dense_macs"], "macs_by_placement": m.get("mean_macs_by_placement"),
             "p90_over_p10": (dyn.get("mac_fraction") or {}).get("p90_over_p10"), "distinct_patterns": dyn.get("distinct_patterns"),
@@ -101,7 +131,8 @@ def run(
         r["accuracy_change_points"] = 100 * (r["val_accuracy"] - dense["val_accuracy"])
         r["within_5pct_of_budget"] = None if r["budget"] is None else abs(r["mac_fraction"] - r["budget"]) <= 0.05 * r["budget"]
     groups = summarise(rows)
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "budgets": budgets, "seeds": list(seeds), "rows": rows, "groups": groups}, indent=2))
+    summary = {"config": dataclasses.asdict(base), "budgets": budgets, "seeds": list(seeds), "recipes": list(recipes), "rows": rows, "groups": groups}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
     table = format_table(groups)
     (out / "results.md").write_text(table + "\n")
     print(table)
@@ -113,15 +144,17 @@ def run(
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per (kind, placement, budget): the mean over seeds, and each seed's values."""
-    keys = sorted({(r["kind"], r["placement"], r["budget"]) for r in rows}, key=lambda k: (-(k[2] or 2), KIND_ORDER.index(k[0]), k[1] or ""))
+    """One entry per (kind, placement, recipe, budget): the mean over seeds, and each seed's values."""
+    recipe_order = ("default", *RECIPES)
+    key_of = lambda r: (r["kind"], r["placement"], r.get("recipe", "default"), r["budget"])  # noqa: E731
+    keys = sorted({key_of(r) for r in rows}, key=lambda k: (-(k[3] or 2), KIND_ORDER.index(k[0]), recipe_order.index(k[2]), k[1] or ""))
     groups = []
     dense = next(r for r in rows if r["kind"] == "dense")
-    for kind, placement, budget in keys:
-        members = sorted((r for r in rows if (r["kind"], r["placement"], r["budget"]) == (kind, placement, budget)), key=lambda r: r["seed"])
+    for kind, placement, recipe, budget in keys:
+        members = sorted((r for r in rows if key_of(r) == (kind, placement, recipe, budget)), key=lambda r: r["seed"])
         mean = lambda k: statistics.fmean(r[k] for r in members) if all(r[k] is not None for r in members) else None  # noqa: E731
         groups.append({
-            "kind": kind, "placement": placement, "budget": budget, "seeds": [r["seed"] for r in members], "runs": [r["run"] for r in members],
+            "kind": kind, "placement": placement, "recipe": recipe, "budget": budget, "seeds": [r["seed"] for r in members], "runs": [r["run"] for r in members],
             "val_accuracy": mean("val_accuracy"), "accuracies": [r["val_accuracy"] for r in members], "mean_macs": mean("mean_macs"),
             "mac_fraction": mean("mac_fraction"), "fractions": [r["mac_fraction"] for r in members], "dense_macs": dense["dense_macs"],
             "accuracy_change_points": 100 * (mean("val_accuracy") - dense["val_accuracy"]),
@@ -133,7 +166,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def _label(g: dict) -> str:
     if g["kind"] == "dynamic":
-        return f"LC-Net dynamic, {g['placement']}"
+        recipe = RECIPE_LABELS[g.get("recipe", "default")]
+        return f"LC-Net dynamic, {g['placement']}" + (f", {recipe}" if recipe else "")
     return {"dense": "dense", "static": "LC-Net static gates", "torch-pruning": "Torch-Pruning"}[g["kind"]]
 
 
@@ -155,11 +189,13 @@ def format_table(groups: list[dict]) -> str:
         )
     verdicts = []
     for budget in sorted({g["budget"] for g in groups if g["budget"] is not None}, reverse=True):
-        at = {(g["kind"], g["placement"]): g for g in groups if g["budget"] == budget}
-        dyn = at.get(("dynamic", "sequential"))
-        if dyn is None:
-            continue
-        for key, name in ((("static", "sequential"), "static gates"), (("torch-pruning", None), "Torch-Pruning")):
-            if key in at:
-                verdicts.append(f"- budget {budget:.2f}: dynamic (sequential) minus {name}: {100 * (dyn['val_accuracy'] - at[key]['val_accuracy']):+.2f} points of top-1")
+        at = {(g["kind"], g["placement"]): g for g in groups if g["budget"] == budget and g.get("recipe", "default") == "default"}
+        dynamic = [g for g in groups if g["budget"] == budget and (g["kind"], g["placement"]) == ("dynamic", "sequential")]
+        for dyn in dynamic:
+            recipe = dyn.get("recipe", "default")
+            name_of_dyn = "dynamic (sequential)" if recipe == "default" else f"dynamic (sequential, {recipe})"
+            for key, name in ((("static", "sequential"), "static gates"), (("torch-pruning", None), "Torch-Pruning")):
+                if key in at:
+                    change = 100 * (dyn["val_accuracy"] - at[key]["val_accuracy"])
+                    verdicts.append(f"- budget {budget:.2f}: {name_of_dyn} minus {name}: {change:+.2f} points of top-1")
     return "\n".join(lines + ([""] + verdicts if verdicts else []))

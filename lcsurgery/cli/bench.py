@@ -1,7 +1,7 @@
 """Benchmarks that print tables and save JSON (not tests: numbers depend on the machine).
 
   lcsurgery bench latency [--models cifar:resnet20 ...] [--batches 1 64] [--threads 1]
-  lcsurgery bench tradeoff --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 3 --seeds 0 1 --baselines static torch-pruning
+  lcsurgery bench tradeoff --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 3 --seeds 0 1 --baselines static torch-pruning [--recipes std importance]
   lcsurgery bench kernels [--models cifar:resnet20 ...] [--batches 1] [--threads 1]
   lcsurgery bench budget --builtin [--data cifar10.tar.gz --checkpoint r20.th] --seeds 0 1 2 3 4
 """
@@ -52,13 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35])
     tr.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeat every run but the dense teacher per seed; the table gives the mean and each seed")
     tr.add_argument("--baselines", nargs="*", choices=tradeoff.BASELINES, default=["static"], help="static rows beside the dynamic ones: LC-Net's gates made static, and Torch-Pruning (needs lcsurgery[compare])")
+    tr.add_argument("--recipes", nargs="*", choices=tuple(tradeoff.RECIPES), default=[], help="sequential rows trained with per-image gate options, beside the default recipe")
     tr.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs, train nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "tradeoff":
         base = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and k != "out"})
-        tradeoff.run(base, args.budgets, Path(args.out), train=not args.report_only, seeds=args.seeds, baselines=tuple(args.baselines))
+        tradeoff.run(base, args.budgets, Path(args.out), train=not args.report_only, seeds=args.seeds, baselines=tuple(args.baselines), recipes=tuple(args.recipes))
     if args.benchmark == "budget":
         if bool(args.data) != bool(args.checkpoint):
             raise LCSurgeryError("bench budget: --data and --checkpoint go together (the task's data and its pretrained weights)")

@@ -50,10 +50,12 @@ SERIES_STYLE = {
 
 def tradeoff_plot(groups: list[dict], path: Path, title: str = "") -> Path:
     """Top-1 accuracy against mean MACs per image: one line per kind of run (dynamic gates per
-    placement, static gates, Torch-Pruning), the seeds' range as error bars, the dense model as a star."""
+    placement, static gates, Torch-Pruning), the seeds' range as error bars, the dense model as a
+    star, and the per-image recipes as gray points."""
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     for (kind, placement), (color, marker, style, label) in SERIES_STYLE.items():
-        pts = sorted((g for g in groups if g["kind"] == kind and g["placement"] == placement), key=lambda g: g["mean_macs"])
+        pts = [g for g in groups if g["kind"] == kind and g["placement"] == placement and g.get("recipe", "default") == "default"]
+        pts.sort(key=lambda g: g["mean_macs"])
         if not pts:
             continue
         xs = np.array([_millions(g["mean_macs"]) for g in pts])
@@ -64,6 +66,10 @@ def tradeoff_plot(groups: list[dict], path: Path, title: str = "") -> Path:
         if kind == "dynamic" and placement == "sequential":
             for g, x, y in zip(pts, xs, ys, strict=True):
                 ax.annotate(f"budget {g['budget']:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color=color)
+    recipes = [g for g in groups if g.get("recipe", "default") != "default"]
+    for g, marker in zip(recipes, "vP<>hX*", strict=False):
+        label = f"dynamic, {g['recipe']} recipe" + (f" (budget {g['budget']:.2f})" if len({r['budget'] for r in recipes}) > 1 else "")
+        ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker=marker, color="tab:gray", linestyle="none", label=label)
     for g in groups:
         if g["kind"] == "dense":
             ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="dense fine-tune")

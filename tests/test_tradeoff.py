@@ -1,0 +1,77 @@
+"""The trade-off benchmark's plan, its reuse check and its table (no training: run folders are written by hand)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from lcsurgery.bench import tradeoff
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.train.config import FinetuneConfig
+
+TINY = str(Path(__file__).parent / "assets" / "tiny_model.py") + ":tiny"
+DENSE_MACS = 1000.0
+
+
+def _finished(planned: tradeoff.Planned, accuracy: float, fraction: float, patterns: int | None = None) -> None:
+    """A run folder as finetune leaves it, with chosen results."""
+    folder = Path(planned.cfg.out)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(planned.cfg)))
+    dynamics = None if patterns is None else {"images": 100, "mac_fraction": {"p90_over_p10": 1.5}, "distinct_patterns": patterns, "conditional_gates": 0.4}
+    metrics = {"val_accuracy": accuracy, "mean_macs": fraction * DENSE_MACS, "dense_macs": DENSE_MACS, "placement": planned.cfg.placement,
+               "budget": planned.cfg.budget, "dynamics": dynamics}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_recipes_add_sequential_runs_with_their_options_per_seed(tmp_path):
+    runs = {r.name: r for r in tradeoff.plan(FinetuneConfig(model=TINY, teacher="dense"), [0.5], tmp_path, seeds=[0, 1], recipes=("std", "importance"))}
+    assert set(runs) == {"dense"} | {f"{n}{s}" for s in ("", "-s1") for n in (
+        "static-sequential-50", "sequential-50", "parallel-50", "std-sequential-50", "importance-sequential-50")}  # fmt: skip
+    imp = runs["importance-sequential-50-s1"]
+    assert (imp.kind, imp.recipe, imp.seed) == ("dynamic", "importance", 1)
+    assert (imp.cfg.placement, imp.cfg.per_image_loss, imp.cfg.gate_input_momentum, imp.cfg.budget) == ("sequential", "importance", 0.05, 0.5)
+    assert imp.cfg.teacher == str(tmp_path / "dense") and imp.cfg.out == str(tmp_path / "importance-sequential-50-s1")
+    assert runs["sequential-50"].cfg.per_image_loss == "none" and runs["sequential-50"].cfg.gate_input_momentum == 0.0
+
+
+def test_unknown_recipe_or_baseline_is_refused_with_the_choices():
+    with pytest.raises(LCSurgeryError, match="unknown recipes \\['magic'\\]: choose from std, importance, shaping, rates"):
+        tradeoff.plan(FinetuneConfig(model=TINY), [0.5], Path("x"), recipes=("magic",))
+    with pytest.raises(LCSurgeryError, match="unknown baselines"):
+        tradeoff.plan(FinetuneConfig(model=TINY), [0.5], Path("x"), baselines=("magic",))
+
+
+def test_table_averages_seeds_per_recipe_and_says_what_dynamic_gating_gains(tmp_path):
+    base = FinetuneConfig(model=TINY, teacher="dense", epochs=1)
+    planned = {r.name: r for r in tradeoff.plan(base, [0.5], tmp_path, seeds=[0, 1], recipes=("std",))}
+    results = {  # name: (top-1, fraction of dense MACs, distinct patterns)
+        "dense": (0.90, 1.0, None), "static-sequential-50": (0.86, 0.50, 1), "static-sequential-50-s1": (0.84, 0.52, 1),
+        "sequential-50": (0.87, 0.49, 3), "sequential-50-s1": (0.86, 0.50, 5), "parallel-50": (0.85, 0.50, 2), "parallel-50-s1": (0.84, 0.50, 2),
+        "std-sequential-50": (0.83, 0.50, 90), "std-sequential-50-s1": (0.84, 0.48, 110),
+    }  # fmt: skip
+    for name, (acc, frac, patterns) in results.items():
+        _finished(planned[name], acc, frac, patterns)
+    tradeoff.run(base, [0.5], tmp_path, train=False, seeds=[0, 1], recipes=("std",))
+    groups = {(g["kind"], g["placement"], g["recipe"]): g for g in json.loads((tmp_path / "results.json").read_text())["groups"]}
+    std = groups[("dynamic", "sequential", "std")]
+    assert std["runs"] == ["std-sequential-50", "std-sequential-50-s1"] and std["val_accuracy"] == pytest.approx(0.835)
+    assert std["mac_fraction"] == pytest.approx(0.49) and std["distinct_patterns"] == pytest.approx(100)
+    assert groups[("static", "sequential", "default")]["accuracy_change_points"] == pytest.approx(-5.0)
+    table = (tmp_path / "results.md").read_text()
+    assert "| 0.50 | LC-Net dynamic, sequential, standardised gate input | 83.50% | 83.00 / 84.00 | -6.50 | 0.500 / 0.480 | 1.50 | 100 of 100 | 40.0% |" in table
+    assert "- budget 0.50: dynamic (sequential) minus static gates: +1.50 points of top-1" in table
+    assert "- budget 0.50: dynamic (sequential, std) minus static gates: -1.50 points of top-1" in table
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_a_finished_run_made_with_other_options_is_not_reused(tmp_path):
+    base = FinetuneConfig(model=TINY, epochs=1)
+    planned = tradeoff.plan(base, [0.5], tmp_path, baselines=())
+    for r in planned:
+        _finished(dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, lr=0.5) if r.name == "parallel-50" else r.cfg), 0.8, 0.5, 1)
+    with pytest.raises(LCSurgeryError, match=r"parallel-50 holds a run made with other options \(lr: 0.5 -> 0.03\)"):
+        tradeoff.run(base, [0.5], tmp_path, train=False, baselines=())
