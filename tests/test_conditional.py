@@ -7,7 +7,7 @@ import torch
 from zoo import example, original, randomize_gates
 
 import lcsurgery
-from lcsurgery.train.conditional import _BetaCdf, batch_shaping, batch_shaping_loss, batch_top, beta_cdf, conditional_loss, importance_loss, importance_targets, rate_bounds_loss
+from lcsurgery.train.conditional import _BetaCdf, batch_shaping, batch_shaping_loss, batch_top, beta_cdf, conditional_loss, importance_loss, importance_targets
 
 
 def _forward(seed: int = 0) -> lcsurgery.LCModel:
@@ -47,7 +47,7 @@ def test_block_records_what_the_targets_read():
 
 
 def test_losses_train_the_gates_only():
-    for kind in ("importance", "shaping", "rates"):
+    for kind in ("importance", "shaping"):
         lc = _forward(seed=2)
         lc.zero_grad()
         conditional_loss(lc, kind).backward()
@@ -107,17 +107,3 @@ def test_batch_shaping_loss_reads_every_gate_of_the_latest_batch():
     lc = _forward()
     value = batch_shaping_loss(lc)
     assert 0 < float(value) < 1 / 3
-
-
-def test_rate_bounds_push_only_gates_outside_the_band():
-    lc = _forward()
-    blocks = lcsurgery.gated_blocks(lc)
-    for b in blocks:
-        with torch.no_grad():
-            for lin in (b.l_net, b.c_net):
-                lin.weight.zero_()
-                lin.bias.fill_(3.0)  # every gate on for every image: rate 1, above the band
-    value = rate_bounds_loss(lc, low=0.2, high=0.8)
-    assert float(value) == pytest.approx(0.2**2, rel=1e-6)
-    value.backward()
-    assert all(float(lin.bias.grad.min()) > 0 for b in blocks for lin in (b.l_net, b.c_net))  # descent lowers the biases

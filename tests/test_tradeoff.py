@@ -39,7 +39,7 @@ def test_recipes_add_sequential_runs_with_their_options_per_seed(tmp_path):
 
 
 def test_unknown_recipe_or_baseline_is_refused_with_the_choices():
-    with pytest.raises(LCSurgeryError, match="unknown recipes \\['magic'\\]: choose from std, importance, shaping, rates"):
+    with pytest.raises(LCSurgeryError, match="unknown recipes \\['magic'\\]: choose from std, importance, shaping"):
         tradeoff.plan(FinetuneConfig(model=TINY), [0.5], Path("x"), recipes=("magic",))
     with pytest.raises(LCSurgeryError, match="unknown baselines"):
         tradeoff.plan(FinetuneConfig(model=TINY), [0.5], Path("x"), baselines=("magic",))

@@ -29,14 +29,12 @@ RECIPES: dict[str, dict] = {
     "std": {"gate_input_momentum": 0.05},
     "importance": {"gate_input_momentum": 0.05, "per_image_loss": "importance"},
     "shaping": {"gate_input_momentum": 0.05, "per_image_loss": "shaping"},
-    "rates": {"gate_input_momentum": 0.05, "per_image_loss": "rates"},
 }
 RECIPE_LABELS = {
     "default": "",
     "std": "standardised gate input",
     "importance": "per-image channel targets + standardised input",
     "shaping": "batch-shaping + standardised input",
-    "rates": "per-gate rate targets + standardised input",
 }
 
 

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
         add("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
         add("--force", action="store_true", help="overwrite a run already in --out")
     add("--gates", choices=GATE_KINDS, help="gates per block: both (the default), layer (skip whole blocks only) or channel (skip channels only)")
-    add("--per-image-loss", choices=PER_IMAGE_LOSSES, help="what makes the gates decide per image: importance (targets from activation mass), shaping (batch-shaping), rates (per-gate rate bounds), or none")
+    add("--per-image-loss", choices=PER_IMAGE_LOSSES, help="what makes the gates decide per image: importance (targets from activation mass), shaping (batch-shaping), or none")
     add("--per-image-weight", type=float, help="weight of --per-image-loss in the loss")
     add("--budget-ramp", type=float, help="share of training over which the MAC target falls from dense to --budget")
     add("--penalty", choices=("macs", "l1"), help="macs: the hard MAC cost with surrogate gradients; l1: gate L1 (the paper's)")

@@ -13,9 +13,6 @@ penalty and its controller, so the budget logic is unchanged:
 - ``batch_shaping_loss``: batch-shaping (Bejnordi et al., ICLR 2020): per gate, the empirical
   CDF of its values over the batch is matched to a Beta prior with the gate's own current mean,
   so a gate spreads its values across images instead of giving all of them the same one.
-- ``rate_bounds_loss``: per-gate execution-rate targets (ConvNet-AIG, Veit and Belongie 2018):
-  a gate on for fewer than ``low`` or more than ``high`` of the images is pushed back into the
-  band; a deterministic gate can hold a rate strictly inside it only by varying with the input.
 
 All read the gate inputs of the latest training forward (as the penalties do) and train the
 gates only.
@@ -31,7 +28,7 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.surgery.block import GatedBlock
 from lcsurgery.surgery.model import unwrap
 
-KINDS = ("none", "importance", "shaping", "rates")
+KINDS = ("none", "importance", "shaping")
 
 
 def _latest(block: GatedBlock) -> tuple[Tensor | None, Tensor | None]:
@@ -90,15 +87,6 @@ def _gate_columns(model: nn.Module) -> Tensor:
             if z is not None:
                 cols.append(z if z.dim() == 2 else z[:, None])
     return torch.cat(cols, 1)
-
-
-def rate_bounds_loss(model: nn.Module, low: float = 0.2, high: float = 0.8, temperature: float = 0.5) -> Tensor:
-    """Mean over gates of (rate - clamp(rate, low, high))^2, the rate being the batch share of
-    images for which the gate is on (hard, with a sigmoid surrogate gradient)."""
-    z = _gate_columns(model)
-    soft = torch.sigmoid(z / temperature)
-    rate = ((z > 0).to(z.dtype) + soft - soft.detach()).mean(0)
-    return (rate - rate.detach().clamp(low, high)).pow(2).mean()
 
 
 def batch_shaping_loss(model: nn.Module, concentration: float = 1.0, temperature: float = 0.5) -> Tensor:
@@ -181,6 +169,4 @@ def conditional_loss(model: nn.Module, kind: str) -> Tensor | None:
         return importance_loss(model)
     if kind == "shaping":
         return batch_shaping_loss(model)
-    if kind == "rates":
-        return rate_bounds_loss(model)
     raise LCSurgeryError(f"unknown per-image gate loss {kind!r}: choose from {', '.join(KINDS)}")
