@@ -50,3 +50,19 @@ def test_a_model_within_two_percent_is_left_alone():
     lc.train()
     land(lc, IMAGES, 0.2, "sequential")
     assert lc.training  # the mode is restored
+
+
+def test_channel_gates_land_where_the_least_sure_gate_would_skip_a_whole_block():
+    lc = lcsurgery.convert(original("cifar.resnet20"), "parallel", static=True).eval()
+    torch.manual_seed(0)
+    blocks = lcsurgery.gated_blocks(lc)
+    with torch.no_grad():
+        for b in blocks:
+            b.l_net.bias.fill_(0.01)  # every block on, and its layer gate the least sure of all gates
+            b.c_net.bias.copy_(torch.empty_like(b.c_net.bias).uniform_(0.1, 2.0))
+    before = lcsurgery.count_macs(lc, IMAGES, "parallel").ratio
+    budget = before * 0.96
+    result = land(lc, IMAGES, budget, "parallel")
+    assert result.after == pytest.approx(lcsurgery.count_macs(lc, IMAGES, "parallel").ratio)
+    assert abs(result.after / budget - 1) <= 0.02 and result.closed > 0
+    assert all(float(b.l_net.bias.detach()) == pytest.approx(0.01) for b in blocks)  # no block was skipped to get there

@@ -22,6 +22,8 @@ logit would also rescale every gate value in (0, 1), which costs accuracy).
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -135,8 +137,10 @@ def land(model: nn.Module, images: Sequence[Tensor], budget: float, placement: s
     Over budget, the gates that are on for some image are closed for every image, lowest mean
     logit first (the least sure, whose values are smallest); under it, closed gates are opened
     (their smallest logit set to 1, a full-valued channel), highest mean logit first. How many to
-    flip is found by bisection; only the flipped gates' biases change. ``images`` are held-out
-    training images, never the test set. The model is left in the mode it was in.
+    flip is found by bisection, once over the channel gates alone (fine steps) and once over all
+    gates (a layer gate moves the cost by a whole block); the flips that end nearer the budget are
+    kept, and only the flipped gates' biases change. ``images`` are held-out training images,
+    never the test set. The model is left in the mode it was in.
     """
     check_budget(budget)
     lc = unwrap(model)
@@ -147,39 +151,52 @@ def land(model: nn.Module, images: Sequence[Tensor], budget: float, placement: s
         if abs(before / budget - 1) <= tolerance:
             return Landing(before, before)
         closing = before > budget
-        gates = _gate_logit_ranges(lc, images)  # (layer, index, mean, min, max) of every gate's logit
+        gates = _gate_logit_ranges(lc, images)  # (layer, index, mean, min, max, is a channel gate) of every gate
         if closing:  # gates on for some image, least sure first
             candidates = sorted((g for g in gates if g[4] > 0), key=lambda g: g[2])
         else:  # gates off for some image, nearest to opening first
             candidates = sorted((g for g in gates if g[3] <= 0), key=lambda g: g[2], reverse=True)
         start = [float(lin.bias[i]) for lin, i, *_ in candidates]
 
-        def fraction(k: int) -> float:
-            """The MAC fraction with the first ``k`` candidates flipped (closed below their largest
+        def fraction(flip: list[bool]) -> float:
+            """The MAC fraction with the flagged candidates flipped (closed below their largest
             logit, or opened to a smallest logit of 1) and the rest as they were."""
-            for n, ((lin, i, _, low, high), bias) in enumerate(zip(candidates, start)):
-                lin.bias[i] = bias if n >= k else bias - high - 0.5 if closing else bias + 1.0 - low
+            for (lin, i, _, low, high, _), bias, f in zip(candidates, start, flip, strict=True):
+                lin.bias[i] = bias if not f else bias - high - 0.5 if closing else bias + 1.0 - low
             return count_macs(lc, list(images), placement, progress=False).ratio
 
-        # the fraction moves monotonically with k (more closed: cheaper): the first k past the budget
-        lo, hi = 0, len(candidates)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if (fraction(mid) <= budget) if closing else (fraction(mid) >= budget):
-                hi = mid
-            else:
-                lo = mid + 1
-        options = [(abs(fraction(k) - budget), k) for k in {max(lo - 1, 0), lo}]
-        _, k = min(options)
-        after = fraction(k)
-        return Landing(before, after, closed=k if closing else 0, opened=0 if closing else k)
+        def first(k: int, allowed: list[bool]) -> list[bool]:
+            """Flags for the first ``k`` allowed candidates."""
+            ranks = list(itertools.accumulate(allowed))
+            return [a and r <= k for a, r in zip(allowed, ranks, strict=True)]
+
+        def search(allowed: list[bool]) -> tuple[float, list[bool]]:
+            # the fraction moves monotonically with k (more closed: cheaper): the first k past the budget
+            lo, hi = 0, sum(allowed)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                f = fraction(first(mid, allowed))
+                if (f <= budget) if closing else (f >= budget):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            options = [first(k, allowed) for k in {max(lo - 1, 0), lo}]
+            return min((abs(fraction(flags) - budget), flags) for flags in options)
+
+        channel_only = search([g[5] for g in candidates])
+        best = channel_only if abs(channel_only[0] / budget) <= tolerance else min(channel_only, search([True] * len(candidates)))
+        after = fraction(best[1])
+        flipped = sum(best[1])
+        return Landing(before, after, closed=flipped if closing else 0, opened=0 if closing else flipped)
     finally:
         lc.train(training)
 
 
-def _gate_logit_ranges(lc: nn.Module, images: Sequence[Tensor]) -> list[tuple[nn.Linear, int, float, float, float]]:
-    """Every gate (its layer and output index) with its mean, min and max logit over ``images``, in eval mode."""
+def _gate_logit_ranges(lc: nn.Module, images: Sequence[Tensor]) -> list[tuple[nn.Linear, int, float, float, float, bool]]:
+    """Every gate (its layer and output index) with its mean, min and max logit over ``images``, in
+    eval mode, and whether it is a channel gate."""
     sums: dict = {}
+    channel = {b.c_net for b in lc.lc_blocks() if b.c_net is not None}
     for x in images:
         lc(x)
         for b in lc.lc_blocks():
@@ -192,5 +209,5 @@ def _gate_logit_ranges(lc: nn.Module, images: Sequence[Tensor]) -> list[tuple[nn
     out = []
     for lin, (total, lo, hi, n) in sums.items():
         for i in range(lin.out_features):
-            out.append((lin, i, float(total[i] / n), float(lo[i]), float(hi[i])))
+            out.append((lin, i, float(total[i] / n), float(lo[i]), float(hi[i]), lin in channel))
     return out
