@@ -5,10 +5,11 @@ row: the dense fine-tune; LC-Net's gates made static (``--static``: the same gat
 controller, bias only, one mask for every image); Torch-Pruning pruned to the budget and
 fine-tuned (``--baselines torch-pruning``); and LC-Net's dynamic gates under both placements.
 With ``--seeds 0 1`` every run but the dense teacher is repeated per seed and the table gives
-the mean and each seed. ``--recipes`` adds sequential rows trained with the per-image gate options
-(``RECIPES``), so the recipes are compared with the default on the same table. Every run is an ordinary ``lcsurgery finetune`` run folder under
-``--out``: finished runs are reused (if their configuration matches) and interrupted ones
-resumed. Writes ``results.json``, ``results.md`` and ``tradeoff.png``.
+the mean and each seed. ``--recipes`` adds sequential rows trained with the per-image gate
+options (``RECIPES``), so the recipes meet the default and the baselines on one table. Every run
+is an ordinary ``lcsurgery finetune`` run folder under ``--out``: finished runs are reused (if
+their configuration matches) and interrupted ones resumed. Writes ``results.json``,
+``results.md`` and ``tradeoff.png``.
 """
 
 from __future__ import annotations
