@@ -145,7 +145,7 @@ def run(
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (kind, placement, recipe, budget): the mean over seeds, and each seed's values."""
     recipe_order = ("default", *RECIPES)
-    key_of = lambda r: (r["kind"], r["placement"], r.get("recipe", "default"), r["budget"])  # noqa: E731
+    key_of = lambda r: (r["kind"], r["placement"], r["recipe"], r["budget"])  # noqa: E731
     keys = sorted({key_of(r) for r in rows}, key=lambda k: (-(k[3] or 2), KIND_ORDER.index(k[0]), recipe_order.index(k[2]), k[1] or ""))
     groups = []
     dense = next(r for r in rows if r["kind"] == "dense")
@@ -165,7 +165,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def _label(g: dict) -> str:
     if g["kind"] == "dynamic":
-        recipe = RECIPE_LABELS[g.get("recipe", "default")]
+        recipe = RECIPE_LABELS[g["recipe"]]
         return f"LC-Net dynamic, {g['placement']}" + (f", {recipe}" if recipe else "")
     return {"dense": "dense", "static": "LC-Net static gates", "torch-pruning": "Torch-Pruning"}[g["kind"]]
 
@@ -188,10 +188,10 @@ def format_table(groups: list[dict]) -> str:
         )
     verdicts = []
     for budget in sorted({g["budget"] for g in groups if g["budget"] is not None}, reverse=True):
-        at = {(g["kind"], g["placement"]): g for g in groups if g["budget"] == budget and g.get("recipe", "default") == "default"}
+        at = {(g["kind"], g["placement"]): g for g in groups if g["budget"] == budget and g["recipe"] == "default"}
         dynamic = [g for g in groups if g["budget"] == budget and (g["kind"], g["placement"]) == ("dynamic", "sequential")]
         for dyn in dynamic:
-            recipe = dyn.get("recipe", "default")
+            recipe = dyn["recipe"]
             name_of_dyn = "dynamic (sequential)" if recipe == "default" else f"dynamic (sequential, {recipe})"
             for key, name in ((("static", "sequential"), "static gates"), (("torch-pruning", None), "Torch-Pruning")):
                 if key in at:

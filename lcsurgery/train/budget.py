@@ -23,7 +23,6 @@ logit would also rescale every gate value in (0, 1), which costs accuracy).
 from __future__ import annotations
 
 import itertools
-
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
