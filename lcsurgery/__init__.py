@@ -7,6 +7,9 @@ Typical use::
     lcsurgery.gated_blocks(lc)          # the gates, to inspect or force
     lcsurgery.count_macs(lc.eval(), x)  # exact MACs each image needs
 
+    ex = lcsurgery.add_exits(model)     # early exits (heads at 15-90% of the MACs)
+    lcsurgery.set_budget(ex, 0.5, calibration=held_out_images)  # a MAC budget set at inference
+
 Fine-tuning lives in ``lcsurgery.train`` (``finetune``, ``FinetuneConfig``, ``gate_l1``,
 ``macs_penalty``, ``param_groups``, ``BudgetController``); importing ``lcsurgery`` alone does
 not load the training loop, torchrun support or the data loaders.
@@ -17,6 +20,8 @@ from lcsurgery.macs.report import BlockMacs, MacReport
 from lcsurgery.macs.static import static_costs
 from lcsurgery.errors import CheckpointMismatchError, LCSurgeryError, NoResidualBlocksError, TraceError
 from lcsurgery.engine.state import GateState
+from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits, exit_points
+from lcsurgery.exits.policy import set_budget
 from lcsurgery.surgery.block import BlockInfo, GatedBlock
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.surgery.convert import BlockList, convert, find_blocks, gated_blocks
@@ -30,17 +35,22 @@ __all__ = [
     "MacReport",
     "BlockList",
     "CheckpointMismatchError",
+    "ExitModel",
+    "ExitPolicy",
     "GateState",
     "GatedBlock",
     "LCModel",
     "LCSurgeryError",
     "NoResidualBlocksError",
     "TraceError",
+    "add_exits",
     "convert",
+    "exit_points",
     "count_macs",
     "last_macs",
     "static_costs",
     "find_blocks",
     "gated_blocks",
     "load_weights",
+    "set_budget",
 ]

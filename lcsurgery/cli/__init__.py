@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lcsurgery.cli import bench, compare, demo, figures, finetune
+from lcsurgery.cli import bench, compare, demo, exits, figures, finetune
 from lcsurgery.errors import LCSurgeryError
 
-COMMANDS = {"demo": demo, "finetune": finetune, "compare": compare, "figures": figures, "bench": bench}
+COMMANDS = {"demo": demo, "finetune": finetune, "compare": compare, "figures": figures, "bench": bench, "exits": exits}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

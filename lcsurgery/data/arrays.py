@@ -27,6 +27,24 @@ class ArrayDataset:
         return ArrayDataset(self.images[order], self.labels[order], self.classes)
 
 
+    def split(self, held_out: int) -> tuple[ArrayDataset, ArrayDataset]:
+        """(the rest, ``held_out`` images): the held-out part balanced over classes (the last
+        images of each class), for tuning on training images the model did not train on."""
+        if not 0 < held_out < len(self):
+            raise ValueError(f"held_out must be between 0 and {len(self)} images, got {held_out}")
+        rank = _rank_within_class(self.labels)
+        counts = torch.bincount(self.labels)[self.labels]
+        per_class = held_out / len(self.classes)
+        held = rank >= counts - torch.ceil(torch.full_like(rank, per_class, dtype=torch.float)).long()
+        held_idx = held.nonzero().squeeze(1)[:held_out]
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[held_idx] = True
+        return self._take(~mask), self._take(mask)
+
+    def _take(self, mask: torch.Tensor) -> ArrayDataset:
+        return ArrayDataset(self.images[mask], self.labels[mask], self.classes)
+
+
 def _rank_within_class(labels: Tensor) -> Tensor:
     rank = torch.empty_like(labels)
     for c in labels.unique():

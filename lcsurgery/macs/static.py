@@ -100,7 +100,7 @@ class StaticCosts:
         return self.dense + self.gates
 
 
-class _Call(nn.Module):
+class CallModule(nn.Module):
     """Wrap a callable so fvcore (which needs a module) can trace it; ``owner`` holds its parameters."""
 
     def __init__(self, fn, owner: nn.Module) -> None:
@@ -167,13 +167,13 @@ def _block_cost(block: GatedBlock, x: Tensor, counting: str) -> BlockCost:
         if piece is None:
             return 0, inp
         out = piece(root, inp)
-        return fvcore_macs(_Call(lambda t: piece(root, t), root), (inp,), counting), out
+        return fvcore_macs(CallModule(lambda t: piece(root, t), root), (inp,), counting), out
 
     def gate_fn(t: Tensor) -> Tensor:
         pooled = F.adaptive_avg_pool2d(t, 1).flatten(1)
         return torch.cat([lin(pooled) for lin in (block.l_net, block.c_net) if lin is not None], 1)
 
-    gate = fvcore_macs(_Call(gate_fn, block), (x,), counting)
+    gate = fvcore_macs(CallModule(gate_fn, block), (x,), counting)
     shortcut, _ = cost("shortcut", x)
     if not block.gated_channels:
         branch, _ = cost("branch", x)

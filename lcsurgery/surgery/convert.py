@@ -80,7 +80,7 @@ def convert(
         raise ValueError(f"relu1_mode must be one of {MODES}, got {relu1_mode!r}")
     _refuse_converted(model)
     root = copy.deepcopy(model)
-    input_size = _input_size(root, input_size)
+    input_size = resolve_input_size(root, input_size)
     graph, specs, rejected = _analyse(root, leaf_modules, input_size, BlockOptions(layers, channels, tuple(exclude)))
     if not specs:
         raise _no_blocks_error(model, rejected)
@@ -128,7 +128,7 @@ def _analyse(
 ) -> tuple[fx.Graph, list[BlockSpec], list[Rejected]]:
     graph, _ = trace(root, leaf_modules)
     gm = fx.GraphModule(root, graph)
-    example = torch.randn(1, *_input_size(root, input_size), **_tensor_kwargs(root))
+    example = torch.randn(1, *resolve_input_size(root, input_size), **_tensor_kwargs(root))
     try:
         with training_mode(root, False), torch.no_grad():
             ShapeProp(gm).propagate(example)
@@ -141,7 +141,8 @@ def _analyse(
     return graph, specs, rejected
 
 
-def _input_size(model: nn.Module, input_size: tuple[int, int, int] | None) -> tuple[int, int, int]:
+def resolve_input_size(model: nn.Module, input_size: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """``input_size`` checked, else the model's own (``default_input_size``, timm's ``pretrained_cfg``), else 224 x 224."""
     if input_size is not None:
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {input_size}")

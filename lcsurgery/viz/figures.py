@@ -9,6 +9,7 @@
 - ``skip_rates``: per-block skip rate and active-channel fraction.
 - ``gate_usage``: per block, the share of gates always off, conditional and always on.
 - ``controller_plot``: the MAC fraction and penalty strength over training steps.
+- ``exit_sweep_plot``: one model with early exits swept by its MAC budget knob, beside trained points.
 """
 
 from __future__ import annotations
@@ -210,4 +211,29 @@ def controller_plot(steps_file: Path, path: Path, budget: float | None = None) -
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[dict] | None = None) -> Path:
+    """Top-1 against mean MACs per image for one model with exits as its budget knob is swept,
+    each exit alone (every image leaving there) as gray points, the dense model as a star, and
+    ``trained`` (``bench tradeoff`` groups) as separately trained points for comparison."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    dense = metrics["dense_macs"]
+    rows = sorted(metrics["sweep"], key=lambda r: r["mac_fraction"])
+    ax.plot([_millions(r["mac_fraction"] * dense) for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:red", markersize=4, label="exits, one model, budget knob")
+    xs = [_millions(c) for c in metrics["exit_costs"][:-1]]
+    ax.plot(xs, [100 * a for a in metrics["exit_accuracy"][:-1]], "x", color="tab:gray", label="every image at one exit")
+    for g in trained or []:
+        if g["kind"] in ("static", "dynamic", "torch-pruning") and g.get("recipe", "default") == "default":
+            color, marker, _, label = SERIES_STYLE[(g["kind"], g["placement"])]
+            ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker=marker, color=color, linestyle="none", label=f"{label} (trained per budget)")
+    ax.plot(_millions(dense), 100 * metrics["dense_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="network without exits")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+    ax.set_xlabel("mean MACs per image (millions)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "early exits: accuracy vs MACs", fontsize=10)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -1,0 +1,282 @@
+"""``add_exits``: attach early-exit heads to a pretrained network; ``ExitModel`` runs it so that
+each image leaves at the first exit its policy accepts, and the rest of the batch goes on.
+
+With no policy set (the state after ``add_exits``) the model computes exactly what the original
+does and runs no head; ``lcsurgery.exits.policy.set_budget`` sets one. Every forward records
+where each image left (``last_exit``) and the MACs it cost (``last_macs``): the segments it ran
+and the heads it evaluated, the same count fvcore gives for the truncated network.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.exits.heads import ExitHead
+from lcsurgery.exits.split import CutPoint, compile_segment, cut_points, segment_graphs
+from lcsurgery.fx.ops import tensor_shape
+from lcsurgery.fx.tracer import trace, training_mode
+from lcsurgery.macs.static import CallModule, fvcore_macs
+from lcsurgery.surgery.block import GatedBlock
+from lcsurgery.surgery.convert import resolve_input_size
+
+# Shallow-Deep Networks' exit places: these fractions of the network's MACs.
+SDN_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitPolicy:
+    """Where images leave: at exit i when the head's top softmax probability reaches
+    ``thresholds[i]``, or at the last exit that keeps the image within ``max_macs``."""
+
+    thresholds: tuple[float, ...]
+    max_macs: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitPoint:
+    """One place an exit can go: its name, the feature map's shape there, and the share of the
+    network's MACs spent before it."""
+
+    name: str
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    macs: int
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.name:<24} {str(list(self.shape[1:])):<16} {self.fraction:6.1%} of the MACs"
+
+
+class ExitModel(nn.Module):
+    """A network with early exits: ``backbone`` (the original weights, under their names), the
+    ``heads`` and the compiled segments between them."""
+
+    def __init__(self, backbone: nn.Module, graph: fx.Graph, points: list[ExitPoint], cuts: list[fx.Node], num_classes: int, input_size: tuple[int, int, int], pool: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList(ExitHead(p.shape[1], num_classes, pool) for p in points)
+        self.points = points
+        self.input_size = tuple(input_size)
+        self.policy: ExitPolicy | None = None
+        self.last_exit: Tensor | None = None
+        self.last_macs: Tensor | None = None
+        self._segments = [compile_segment(backbone, g) for g in segment_graphs(graph, cuts)]
+        self._costs: dict[tuple[int, ...], tuple[list[int], int]] = {}  # per input size: exit costs, dense MACs
+        p = next(backbone.parameters(), None)
+        if p is not None:
+            self.heads.to(p.device, p.dtype)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def segment(self, i: int, x: Tensor) -> Tensor:
+        """Run segment ``i``: the input to exit 0's map for i = 0, ..., the last exit's map to the output."""
+        return self._segments[i](self.backbone, x)
+
+    def exit_costs(self, input_size: tuple[int, ...] | None = None) -> list[int]:
+        """MACs of an image that leaves at exit i (segments up to it, heads 0..i), and last the
+        MACs of one that runs to the end with every head evaluated; counted by fvcore once per size."""
+        return self._counts(tuple(input_size or self.input_size))[0]
+
+    def dense_macs(self, input_size: tuple[int, ...] | None = None) -> int:
+        """MACs of the original network (no head run)."""
+        return self._counts(tuple(input_size or self.input_size))[1]
+
+    def _counts(self, size: tuple[int, ...]) -> tuple[list[int], int]:
+        if size not in self._costs:
+            x = torch.zeros(1, *size, **_tensor_kwargs(self.backbone))
+            cumulative, heads, total = [], [], 0
+            with training_mode(self, False), torch.no_grad():
+                for i in range(self.num_exits + 1):
+                    total += fvcore_macs(CallModule(lambda t, i=i: self.segment(i, t), self.backbone), (x,))
+                    cumulative.append(total)
+                    x = self.segment(i, x)
+                    if i < self.num_exits:
+                        heads.append(fvcore_macs(self.heads[i], (x,)))
+            costs = [cumulative[i] + sum(heads[: i + 1]) for i in range(self.num_exits)]
+            self._costs[size] = (costs + [cumulative[-1] + sum(heads)], cumulative[-1])
+        return self._costs[size]
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        """Every exit's logits and last the network's own, for the whole batch (training, calibration)."""
+        outs = []
+        for i in range(self.num_exits):
+            x = self.segment(i, x)
+            outs.append(self.heads[i](x))
+        outs.append(self.segment(self.num_exits, x))
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.policy is None:
+            out = x
+            for i in range(self.num_exits + 1):
+                out = self.segment(i, out)
+            self._record(torch.full((len(x),), self.num_exits), torch.full((len(x),), self.dense_macs(tuple(x.shape[1:]))))
+            return out
+        return self._run_policy(x, self.policy)
+
+    def _run_policy(self, x: Tensor, policy: ExitPolicy) -> Tensor:
+        """Each image leaves at the first exit the policy accepts; the images that go on are
+        gathered into a smaller batch, so later segments run only for them."""
+        costs = self.exit_costs(tuple(x.shape[1:]))
+        check_cap(policy.max_macs, costs)
+        n = len(x)
+        exit_of = torch.full((n,), self.num_exits, dtype=torch.long)
+        idx = torch.arange(n, device=x.device)
+        out: Tensor | None = None
+        h = x
+        for i in range(self.num_exits):
+            h = self.segment(i, h)
+            logits = self.heads[i](h)
+            if out is None:
+                out = logits.new_empty((n, *logits.shape[1:]))
+            leave = logits.softmax(1).amax(1) >= policy.thresholds[i]
+            if policy.max_macs is not None and costs[i + 1] > policy.max_macs:
+                leave = torch.ones_like(leave)  # going on would pass the cap: everyone left leaves here
+            out[idx[leave]] = logits[leave]
+            exit_of[idx[leave].cpu()] = i
+            h, idx = h[~leave], idx[~leave]
+            if not len(idx):
+                break
+        if len(idx):
+            out[idx] = self.segment(self.num_exits, h)
+        self._record(exit_of, torch.tensor(costs)[exit_of])
+        return out
+
+    def _record(self, exit_of: Tensor, macs: Tensor) -> None:
+        self.last_exit, self.last_macs = exit_of, macs.long()
+
+    def extra_repr(self) -> str:
+        return f"exits at {', '.join(p.name for p in self.points)}"
+
+
+def check_cap(max_macs: int | None, costs: list[int]) -> None:
+    if max_macs is not None and max_macs < costs[0]:
+        raise LCSurgeryError(f"max_macs={max_macs:,} is below the cheapest exit ({costs[0]:,} MACs per image): no image can meet it")
+
+
+def exit_points(model: nn.Module, *, input_size: tuple[int, int, int] | None = None, leaf_modules: Sequence[str | type] = ()) -> list[ExitPoint]:
+    """Dry run of ``add_exits``: every place an exit can go, with the share of MACs before it."""
+    _, _, points, _ = _analyse(copy.deepcopy(model), input_size, leaf_modules)
+    return points
+
+
+def add_exits(
+    model: nn.Module,
+    at: str | Sequence[float] | Sequence[str] = "macs",
+    *,
+    num_classes: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    pool: int = 4,
+    leaf_modules: Sequence[str | type] = (),
+) -> ExitModel:
+    """Return a copy of ``model`` with early-exit heads; ``model`` is untouched.
+
+    Args:
+        at: ``"macs"`` (default): exits where 15, 30, 45, 60, 75 and 90% of the network's MACs
+            are spent, as Shallow-Deep Networks places them; a list of such fractions; or a list
+            of module names (``"layer2.1"``) after which to exit (``exit_points`` lists them).
+        num_classes: the heads' outputs (default: the width of the model's output).
+        input_size: (C, H, W) of an example input (default: the model's own, else 3 x 224 x 224).
+        pool: each head pools its feature map to ``pool`` x ``pool`` before its linear layer.
+
+    With no policy set the result computes exactly what ``model`` does; set one with
+    ``lcsurgery.exits.policy.set_budget``.
+    """
+    if any(isinstance(m, GatedBlock) for m in model.modules()):
+        raise LCSurgeryError(
+            "add_exits takes the plain network: exits on a model converted by lcsurgery.convert are not supported yet "
+            "(the MAC accounting of gates and exits together is not written); add exits to the original model"
+        )
+    root = copy.deepcopy(model)
+    graph, size, points, nodes = _analyse(root, input_size, leaf_modules)
+    chosen = _choose(points, at)
+    out_shape = _output_shape(graph)
+    classes = num_classes or out_shape[-1]
+    exits = ExitModel(root, graph, [points[i] for i in chosen], [nodes[i] for i in chosen], classes, size, pool)
+    exits.train(model.training)
+    return exits
+
+
+def _analyse(root: nn.Module, input_size: tuple[int, int, int] | None, leaf_modules: Sequence[str | type]) -> tuple[fx.Graph, tuple, list[ExitPoint], list[fx.Node]]:
+    size = resolve_input_size(root, input_size)
+    graph, _ = trace(root, leaf_modules)
+    gm = fx.GraphModule(root, graph)
+    example = torch.zeros(1, *size, **_tensor_kwargs(root))
+    try:
+        with training_mode(root, False), torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:  # any failure of the user's model on the example input
+        raise LCSurgeryError(f"running {type(root).__name__} on an example input of shape {tuple(example.shape)} failed ({type(exc).__name__}: {exc}); pass input_size=(C, H, W)") from exc
+    cuts: list[CutPoint] = cut_points(graph)
+    if not cuts:
+        raise LCSurgeryError(f"{type(root).__name__} never narrows to a single feature map, so no exit can be attached")
+    with training_mode(root, False), torch.no_grad():
+        macs = _prefix_macs(root, graph, [c.node for c in cuts], example)
+    total = macs[-1]
+    kept = [
+        k for k in range(len(cuts))
+        if (k + 1 == len(cuts) or macs[k + 1] != macs[k])  # of a run of places with no MAC between them (conv, norm, activation), the last
+        and total - macs[k] >= 0.01 * total  # an exit where under 1% of the work is left saves nothing
+    ]  # fmt: skip
+    points = [ExitPoint(cuts[k].name, cuts[k].names, cuts[k].shape, macs[k], macs[k] / total) for k in kept]
+    return graph, size, points, [cuts[k].node for k in kept]
+
+
+def _prefix_macs(root: nn.Module, graph: fx.Graph, cuts: list[fx.Node], example: Tensor) -> list[int]:
+    """Cumulative MACs at each cut, and last the whole network's."""
+    totals, total, x = [], 0, example
+    for g in segment_graphs(graph, cuts):
+        fn = compile_segment(root, g)
+        total += fvcore_macs(CallModule(lambda t, fn=fn: fn(root, t), root), (x,))
+        totals.append(total)
+        x = fn(root, x)
+    return totals
+
+
+def _choose(points: list[ExitPoint], at: str | Sequence[float] | Sequence[str]) -> list[int]:
+    if isinstance(at, str):
+        if at != "macs":
+            raise LCSurgeryError(f"at={at!r}: use 'macs', a list of MAC fractions, or a list of module names")
+        at = SDN_FRACTIONS
+    at = list(at)
+    if not at:
+        raise LCSurgeryError("at is empty: give at least one exit place")
+    if all(isinstance(a, str) for a in at):
+        chosen = []
+        for name in at:
+            hits = [i for i, p in enumerate(points) if name in p.names or name == p.name]
+            if not hits:
+                known = ", ".join(p.name for p in points)
+                raise LCSurgeryError(f"no exit can go after {name!r}: the network narrows to one feature map only after {known}")
+            chosen.append(hits[0])
+    elif all(isinstance(a, (int, float)) for a in at):
+        bad = [a for a in at if not 0 < a < 1]
+        if bad:
+            raise LCSurgeryError(f"exit MAC fractions must be in (0, 1), got {bad}")
+        chosen = [min(range(len(points)), key=lambda i: abs(points[i].fraction - a)) for a in at]
+    else:
+        raise LCSurgeryError(f"at mixes names and fractions: {at}")
+    chosen = sorted(set(chosen))
+    return chosen
+
+
+def _output_shape(graph: fx.Graph) -> tuple[int, ...]:
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    shape = tensor_shape(out) if isinstance(out, fx.Node) else None
+    if shape is None or len(shape) != 2:
+        raise LCSurgeryError(f"exits need a model whose output is one [batch, classes] tensor, this one returns {shape or type(out).__name__}")
+    return shape
+
+
+def _tensor_kwargs(model: nn.Module) -> dict:
+    p = next(model.parameters(), None)
+    return {} if p is None else {"device": p.device, "dtype": p.dtype}

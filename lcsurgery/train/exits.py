@@ -1,0 +1,240 @@
+"""Training early exits on a frozen pretrained network, and the budget sweep of the result.
+
+``train_exits`` attaches the heads (``lcsurgery.exits.model.add_exits``), keeps every backbone
+weight and statistic frozen (the network's own output never changes), and trains the heads on
+the training images minus a held-out part, each head by cross-entropy plus distillation from the
+network's own output. The held-out training images then set the exit policy for each budget of
+a sweep (``lcsurgery.exits.policy``); the test set only measures it. A run folder holds
+``config.json``, ``log.jsonl``, ``model.pt`` (backbone and heads), ``metrics.json`` (per-exit
+accuracy and the sweep), ``sweep.md`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lcsurgery.data.loaders import ArrayLoader, normalization
+from lcsurgery.data.sources import load_arrays
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits
+from lcsurgery.exits.policy import ExitScores, score, simulate, threshold_policy
+from lcsurgery.models.factory import create_model
+from lcsurgery.surgery.checkpoint import load_weights
+from lcsurgery.train.distill import distill_loss
+
+SWEEP = tuple(round(0.2 + 0.05 * i, 2) for i in range(17))  # 0.20 ... 1.00
+
+
+@dataclasses.dataclass
+class ExitsConfig:
+    """Everything that defines an exits run (see ``lcsurgery exits train --help``)."""
+
+    model: str
+    data: str
+    checkpoint: str | None = None
+    pretrained: bool = False
+    out: str = "runs/exits"
+    at: tuple = ("macs",)  # "macs", MAC fractions, or module names (add_exits' ``at``)
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 3e-3  # Adam, cosine to zero
+    distill_weight: float = 0.5  # share of distillation from the network's own output in each head's loss
+    distill_temperature: float = 3.0
+    held_out: int = 5000  # training images kept out of head training to set the exit policy
+    size: int | None = None
+    test_subset: int | None = None
+    seed: int = 0
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise LCSurgeryError(f"epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.distill_weight <= 1:
+            raise LCSurgeryError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+
+
+def _at(cfg: ExitsConfig) -> str | list:
+    if list(cfg.at) == ["macs"]:
+        return "macs"
+    try:
+        return [float(a) for a in cfg.at]
+    except (TypeError, ValueError):
+        return list(cfg.at)
+
+
+def build_exit_model(cfg: ExitsConfig) -> ExitModel:
+    """The pretrained network with heads attached (its classifier must already fit the data: it stays frozen)."""
+    classes = load_arrays(cfg.data, "train").classes
+    model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained)
+    if cfg.checkpoint:
+        load_weights(model, cfg.checkpoint)
+    elif not cfg.pretrained:
+        raise LCSurgeryError("exits train the heads of a trained network and leave it frozen: pass --checkpoint or --pretrained")
+    size = cfg.size or getattr(model, "default_input_size", (3, 224, 224))[-1]
+    exits = add_exits(model.eval(), _at(cfg), input_size=(3, size, size))
+    for p in exits.backbone.parameters():
+        p.requires_grad_(False)
+    return exits
+
+
+def _loaders(cfg: ExitsConfig, model: torch.nn.Module) -> tuple[ArrayLoader, ArrayLoader, ArrayLoader]:
+    mean, std = normalization(model)
+    train, held = load_arrays(cfg.data, "train").split(cfg.held_out)
+    test = load_arrays(cfg.data, "test").subset(cfg.test_subset)
+    common = dict(mean=mean, std=std, size=cfg.size, seed=cfg.seed)
+    return (
+        ArrayLoader(train, cfg.batch_size, train=True, **common),
+        ArrayLoader(held, 256, train=False, **common),
+        ArrayLoader(test, 256, train=False, **common),
+    )
+
+
+def train_exits(cfg: ExitsConfig) -> dict:
+    """Train the heads, then sweep the budget knob; returns (and writes) the run's metrics."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if (out / "metrics.json").exists() and not cfg.force:
+        raise LCSurgeryError(f"{out} holds a finished exits run; pass --force to overwrite it or use another --out")
+    model = build_exit_model(cfg)
+    train, held, test = _loaders(cfg, model.backbone)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out / "log.jsonl").unlink(missing_ok=True)
+    opt = torch.optim.Adam(model.heads.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(train))
+    for epoch in range(cfg.epochs):
+        t0 = time.time()
+        train.set_epoch(epoch)
+        model.backbone.eval()
+        model.heads.train()
+        seen, loss_sum = 0, 0.0
+        bar = tqdm(train, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        for x, y in bar:
+            loss = exit_loss(model, x, y, cfg.distill_weight, cfg.distill_temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        accs = exit_accuracies(score(model, held))
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "held_out_accuracy": accs, "seconds": round(time.time() - t0, 1)}
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"epoch {epoch + 1}: held-out accuracy per exit {' '.join(f'{a:.3f}' for a in accs)}")
+    torch.save(model.state_dict(), out / "model.pt")
+    metrics = sweep_report(model, score(model, held), score(model, test))
+    metrics.update(model=cfg.model, data=cfg.data, epochs=cfg.epochs, exits=[p.name for p in model.points])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "sweep.md").write_text(format_sweep(metrics) + "\n")
+    from lcsurgery.viz.figures import exit_sweep_plot
+
+    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of head training")
+    print(format_sweep(metrics))
+    return metrics
+
+
+def exit_loss(model: ExitModel, x: torch.Tensor, y: torch.Tensor, distill_weight: float, temperature: float) -> torch.Tensor:
+    """Mean over the heads of (1 - w) cross-entropy + w distillation from the network's own output;
+    the backbone runs without gradients."""
+    maps = []
+    with torch.no_grad():
+        h = x
+        for i in range(model.num_exits):
+            h = model.segment(i, h)
+            maps.append(h)
+        final = model.segment(model.num_exits, h)
+    losses = []
+    for head, m in zip(model.heads, maps, strict=True):
+        logits = head(m)
+        losses.append((1 - distill_weight) * F.cross_entropy(logits, y) + distill_weight * distill_loss(logits, final, temperature))
+    return torch.stack(losses).mean()
+
+
+def exit_accuracies(scores: ExitScores) -> list[float]:
+    """Top-1 of every exit and last of the network's own head."""
+    return (scores.prediction == scores.labels[:, None]).float().mean(0).tolist()
+
+
+def policy_row(model: ExitModel, test: ExitScores, policy: ExitPolicy) -> dict:
+    """Accuracy and cost on the test scores under ``policy``."""
+    costs, dense = model.exit_costs(), model.dense_macs()
+    exit_of, macs = simulate(test, costs, policy)
+    correct = test.prediction.gather(1, exit_of[:, None]).squeeze(1) == test.labels
+    frac = macs.double() / dense
+    q = torch.quantile(frac, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    return {
+        "threshold": policy.thresholds[0], "accuracy": float(correct.float().mean()), "mac_fraction": float(frac.mean()),
+        "p10": q[0], "p50": q[1], "p90": q[2], "p90_over_p10": q[2] / q[0], "max_macs_seen": int(macs.max()),
+        "exit_shares": torch.bincount(exit_of, minlength=model.num_exits + 1).div(len(exit_of)).tolist(),
+    }  # fmt: skip
+
+
+def sweep_report(model: ExitModel, held: ExitScores, test: ExitScores, budgets: tuple[float, ...] = SWEEP) -> dict:
+    """Per budget: the policy set on held-out images, its accuracy and cost on the test images."""
+    costs, dense = model.exit_costs(), model.dense_macs()
+    accs = exit_accuracies(test)
+    rows = []
+    for b in budgets:
+        try:
+            policy = threshold_policy(held, costs, dense, b)
+        except LCSurgeryError:
+            continue  # below the cheapest policy
+        rows.append({"budget": b, "held_out_fraction": float(simulate(held, costs, policy)[1].double().mean() / dense), **policy_row(model, test, policy)})
+    base = accs[-1]
+    for r in rows:
+        r["drop_points"] = 100 * (base - r["accuracy"])
+    return {
+        "dense_accuracy": base, "dense_macs": dense, "exit_costs": costs, "exit_fractions": [c / dense for c in costs], "exit_accuracy": accs,
+        "test_images": len(test), "held_out_images": len(held), "sweep": rows,
+        "best_within_1_point": _cheapest(rows, 1.0), "best_within_3_points": _cheapest(rows, 3.0),
+        "worst_budget_error": max((abs(r["mac_fraction"] - r["budget"]) / r["budget"] for r in rows if r["budget"] < 1), default=None),
+    }  # fmt: skip
+
+
+def _cheapest(rows: list[dict], points: float) -> dict | None:
+    ok = [r for r in rows if r["drop_points"] <= points]
+    return min(ok, key=lambda r: r["mac_fraction"]) if ok else None
+
+
+def format_sweep(m: dict) -> str:
+    """Markdown: the per-exit accuracy, then one row per budget of the sweep."""
+    lines = [
+        "| exit | " + " | ".join(m.get("exits", [str(i) for i in range(len(m["exit_costs"]) - 1)])) + " | own head |",
+        "|---|" + "---|" * len(m["exit_costs"]),
+        "| MACs (fraction of dense) | " + " | ".join(f"{f:.3f}" for f in m["exit_fractions"]) + " |",
+        "| top-1 (test) | " + " | ".join(f"{100 * a:.2f}%" for a in m["exit_accuracy"]) + " |",
+        "",
+        f"Dense: {100 * m['dense_accuracy']:.2f}% at {m['dense_macs'] / 1e6:.2f}M MACs. Policy set on {m['held_out_images']} held-out training images, measured on {m['test_images']} test images.",
+        "",
+        "| MAC budget | threshold | top-1 | vs dense (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in m["sweep"]:
+        shares = " / ".join(f"{100 * s:.0f}" for s in r["exit_shares"])
+        lines.append(f"| {r['budget']:.2f} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |")
+    for key, pts in (("best_within_1_point", 1), ("best_within_3_points", 3)):
+        best = m.get(key)
+        if best:
+            lines.append(f"\nWithin {pts} point{'s' if pts > 1 else ''} of dense: {best['mac_fraction']:.3f} of the MACs ({100 * (1 - best['mac_fraction']):.1f}% saved), top-1 {100 * best['accuracy']:.2f}%.")
+    return "\n".join(lines)
+
+
+def load_exit_run(run: Path) -> tuple[ExitModel, ExitsConfig]:
+    """The model of a finished exits run folder, with its configuration."""
+    run = Path(run)
+    if not (run / "model.pt").exists():
+        raise LCSurgeryError(f"{run} is not a finished exits run (no model.pt)")
+    cfg = ExitsConfig(**{**json.loads((run / "config.json").read_text()), "force": False})
+    cfg.at = tuple(cfg.at)
+    model = build_exit_model(cfg)
+    model.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), cfg

@@ -1,0 +1,164 @@
+"""Early exits: exact at init over the zoo, MACs equal to fvcore on truncated networks, the engine
+equal to the policy replayed on every exit's scores, the cap, the budget search, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from zoo import ZOO, ZOO_BY_NAME, example, original
+
+import lcsurgery
+from lcsurgery.errors import LCSurgeryError
+from lcsurgery.exits.model import ExitPolicy, add_exits, exit_points
+from lcsurgery.exits.policy import ExitScores, score, set_budget, simulate, threshold_policy
+from lcsurgery.macs.static import fvcore_macs
+from lcsurgery.models.cifar_resnet import resnet20
+
+NAMES = [z.name for z in ZOO]
+
+
+def _exits(name: str, **kw):
+    size = ZOO_BY_NAME[name].size
+    return add_exits(original(name), input_size=(3, size, size), **kw)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exits_leave_the_output_unchanged_and_sit_where_asked(name):
+    e = _exits(name).eval()
+    x = example(name)
+    with torch.no_grad():
+        assert torch.equal(e(x), original(name)(x))
+    fractions = [p.fraction for p in e.points]
+    assert 1 <= e.num_exits <= 6 and fractions == sorted(fractions) and all(0 < f < 0.99 for f in fractions)
+    assert e.last_exit.tolist() == [e.num_exits] * len(x) and e.last_macs.tolist() == [e.dense_macs()] * len(x)
+
+
+def _stem_and_blocks(m: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    stem = [m.conv1, m.bn1, nn.ReLU()] + ([m.maxpool] if hasattr(m, "maxpool") else [])
+    stages = [m.layer1, m.layer2, m.layer3] + ([m.layer4] if hasattr(m, "layer4") else [])
+    return stem, [b for s in stages for b in s]
+
+
+@pytest.mark.parametrize(
+    ("factory", "size", "at", "blocks"),
+    [(resnet20, 32, ["layer1.0", "layer2", "layer3.1"], [1, 6, 8]), (torchvision.models.resnet18, 64, ["layer1", "layer2", "layer3"], [2, 4, 6])],
+)
+def test_exit_costs_equal_fvcore_on_the_truncated_network(factory, size, at, blocks):
+    torch.manual_seed(0)
+    model = factory().eval()
+    e = add_exits(model, at, input_size=(3, size, size))
+    assert [p.name for p in e.points] == at
+    x = torch.zeros(1, 3, size, size)
+    stem, all_blocks = _stem_and_blocks(model)
+    heads = []
+    for i, n in enumerate(blocks):
+        truncated = nn.Sequential(*stem, *all_blocks[:n])  # the network physically cut after the exit's block
+        heads.append(fvcore_macs(e.heads[i], (truncated(x),)))
+        assert e.exit_costs()[i] == fvcore_macs(truncated, (x,)) + sum(heads)
+    assert e.dense_macs() == fvcore_macs(model, (x,))
+    assert e.exit_costs()[-1] == e.dense_macs() + sum(heads)
+
+
+def _randomize_heads(e, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for h in e.heads:
+            h.fc.weight.copy_(torch.randn(h.fc.weight.shape, generator=g) / h.fc.in_features)  # confident, not saturated
+
+
+@pytest.mark.parametrize("name", ["cifar.resnet20", "tv.resnet18", "tv.mobilenet_v2"])
+def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name):
+    e = _exits(name).eval()
+    _randomize_heads(e)
+    x = example(name, batch=16, seed=1)
+    scores = score(e, x, progress=False)
+    with torch.no_grad():
+        every = e.forward_exits(x)
+    inner = scores.confidence[:, :-1].flatten().sort().values
+    q = int(0.93 * len(inner))
+    threshold = float(inner[q] + inner[q + 1]) / 2  # between two scores: no ties
+    e.policy = ExitPolicy((threshold,) * e.num_exits)
+    with torch.no_grad():
+        out = e(x)
+    exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
+    assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs)
+    assert 0 < int((exit_of < e.num_exits).sum()) < len(x), "the test needs images leaving early and going on"
+    expected = torch.stack([every[i][n] for n, i in enumerate(exit_of.tolist())])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_images_that_left_run_no_later_layer():
+    e = add_exits(resnet20().eval())
+    ran = []
+    e.backbone.layer3.register_forward_hook(lambda *_: ran.append(1))
+    e.policy = ExitPolicy((0.0,) * e.num_exits)  # every image is confident enough at the first exit
+    with torch.no_grad():
+        e(torch.randn(1, 3, 32, 32))
+    assert ran == [] and e.last_exit.tolist() == [0] and e.last_macs.tolist() == [e.exit_costs()[0]]
+
+
+def test_the_cap_holds_for_every_image_and_a_cap_below_the_first_exit_is_refused():
+    e = add_exits(resnet20().eval())
+    _randomize_heads(e)
+    costs = e.exit_costs()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    e.policy = ExitPolicy((1.1,) * e.num_exits, max_macs=costs[2] + 1)  # nobody confident enough: only the cap stops them
+    with torch.no_grad():
+        e(x)
+    assert int(e.last_macs.max()) <= costs[2] + 1 and e.last_exit.tolist() == [2] * len(x)
+    with pytest.raises(LCSurgeryError, match=r"below the cheapest exit \(5,163,520 MACs"):
+        set_budget(e, 0.5, calibration=x, max_macs=costs[0] - 1)
+
+
+def test_threshold_policy_is_the_largest_mean_cost_within_the_budget():
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(500, 5, generator=g)
+    scores = ExitScores(conf, torch.zeros(500, 5, dtype=torch.long), None)
+    costs, dense = [10, 25, 45, 70, 101], 100
+    every = sorted({float(c) for c in conf[:, :4].flatten()} | {2.0})
+    mean = {t: float(simulate(scores, costs, ExitPolicy((t,) * 4))[1].double().mean()) for t in every}
+    for budget in (0.3, 0.5, 0.8):
+        policy = threshold_policy(scores, costs, dense, budget)
+        best = max(m for m in mean.values() if m <= budget * dense)
+        assert mean[policy.thresholds[0]] == best
+    with pytest.raises(LCSurgeryError, match="below what the exits can reach: every image leaving at the first exit costs 0.100"):
+        threshold_policy(scores, costs, dense, 0.05)
+
+
+def test_set_budget_without_a_cap_at_full_budget_is_the_plain_network():
+    e = add_exits(resnet20().eval())
+    e.policy = ExitPolicy((0.5,) * e.num_exits)
+    assert set_budget(e, 1.0, calibration=torch.randn(4, 3, 32, 32)) is None and e.policy is None
+
+
+def test_points_by_name_and_fraction_and_clear_errors():
+    m = resnet20().eval()
+    names = [p.name for p in exit_points(m)]
+    assert names == ["relu", "layer1.0", "layer1.1", "layer1", "layer2.0", "layer2.1", "layer2", "layer3.0", "layer3.1"]
+    assert [p.name for p in add_exits(m, [0.5, 0.55]).points] == ["layer2.0", "layer2.1"]  # the nearest: 44.7% and 56.4%
+    assert [p.name for p in add_exits(m, ["layer2", "layer1.0"]).points] == ["layer1.0", "layer2"]
+    with pytest.raises(LCSurgeryError, match="no exit can go after 'layer9': the network narrows to one feature map only after relu, layer1.0"):
+        add_exits(m, ["layer9"])
+    with pytest.raises(LCSurgeryError, match=r"exit MAC fractions must be in \(0, 1\), got \[1.5\]"):
+        add_exits(m, [0.3, 1.5])
+    with pytest.raises(LCSurgeryError, match="add_exits takes the plain network"):
+        add_exits(lcsurgery.convert(m))
+    assert m.training is False and not any(n.startswith("heads") for n, _ in m.named_parameters())
+
+
+def test_exit_model_state_dict_keeps_the_backbone_names():
+    m = resnet20()
+    e = add_exits(m)
+    keys = set(e.state_dict())
+    assert {f"backbone.{k}" for k in m.state_dict()} <= keys
+    assert all(k.startswith(("backbone.", "heads.")) for k in keys)
+    e2 = add_exits(copy.deepcopy(m))
+    e2.load_state_dict(e.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    e.eval(), e2.eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(e.forward_exits(x), e2.forward_exits(x), strict=True))

@@ -1,0 +1,68 @@
+"""Training exits on a frozen network, the budget sweep, and ``lcsurgery exits evaluate`` on the built-in task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcsurgery.cli import main
+from lcsurgery.data.loaders import ArrayLoader, normalization
+from lcsurgery.data.sources import load_arrays
+from lcsurgery.models.cifar_resnet import resnet20
+from lcsurgery.train.exits import ExitsConfig, load_exit_run, train_exits
+
+DATA = "synthetic:1000"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exits")
+    torch.manual_seed(0)
+    torch.save(resnet20().state_dict(), root / "r20.pt")
+    cfg = ExitsConfig(model="cifar:resnet20", data=DATA, checkpoint=str(root / "r20.pt"), out=str(root / "run"), epochs=1, batch_size=64, held_out=200)
+    metrics = train_exits(cfg)
+    return root, metrics
+
+
+def test_training_leaves_the_network_as_it_was(run):
+    root, metrics = run
+    model, _ = load_exit_run(root / "run")
+    saved = torch.load(root / "r20.pt", weights_only=True)
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in saved.items())
+    plain = resnet20().eval()
+    plain.load_state_dict(saved)
+    test = load_arrays(DATA, "test").subset(None)
+    mean, std = normalization(plain)
+    with torch.no_grad():
+        correct = sum(int((plain(x).argmax(1) == y).sum()) for x, y in ArrayLoader(test, 100, train=False, mean=mean, std=std))
+    assert metrics["exit_accuracy"][-1] == pytest.approx(correct / len(test))
+    assert metrics["test_images"] == 200 and metrics["held_out_images"] == 200
+
+
+def test_the_sweep_meets_each_budget_on_held_out_images_and_costs_more_as_it_grows(run):
+    _, metrics = run
+    rows = metrics["sweep"]
+    assert len(rows) >= 10
+    assert all(r["held_out_fraction"] <= r["budget"] + 1e-9 for r in rows)
+    fractions = [r["mac_fraction"] for r in sorted(rows, key=lambda r: r["budget"])]
+    assert fractions == sorted(fractions)
+    assert all(abs(sum(r["exit_shares"]) - 1) < 1e-6 for r in rows)
+
+
+def test_evaluate_runs_the_engine_to_the_sweeps_numbers_and_holds_the_cap(run, capsys):
+    root, metrics = run
+    folder = root / "run"
+    assert main(["exits", "evaluate", str(folder), "--budget", "0.5", ]) == 0
+    result = json.loads((folder / "evaluate.json").read_text())
+    row = next(r for r in metrics["sweep"] if r["budget"] == 0.5)
+    assert result["threshold"] == row["threshold"]
+    assert result["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9)
+    assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1.5 / 200)  # the engine's batches differ; a tie may flip one image
+    cap = metrics["exit_costs"][2]
+    assert main(["exits", "evaluate", str(folder), "--max-macs", str(cap), ]) == 0
+    capped = json.loads((folder / "evaluate.json").read_text())
+    assert capped["max_macs_seen"] <= cap and sum(capped["exit_shares"][3:]) == 0
+    assert main(["exits", "evaluate", str(folder)]) == 2
+    assert "give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both" in capsys.readouterr().err
