@@ -44,13 +44,13 @@ def _stem_and_blocks(m: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 @pytest.mark.parametrize(
-    ("factory", "size", "at", "blocks"),
-    [(resnet20, 32, ["layer1.0", "layer2", "layer3.1"], [1, 6, 8]), (torchvision.models.resnet18, 64, ["layer1", "layer2", "layer3"], [2, 4, 6])],
+    ("factory", "size", "at", "blocks", "hidden"),
+    [(resnet20, 32, ["layer1.0", "layer2", "layer3.1"], [1, 6, 8], 0), (torchvision.models.resnet18, 64, ["layer1", "layer2", "layer3"], [2, 4, 6], 32)],
 )
-def test_exit_costs_equal_fvcore_on_the_truncated_network(factory, size, at, blocks):
+def test_exit_costs_equal_fvcore_on_the_truncated_network(factory, size, at, blocks, hidden):
     torch.manual_seed(0)
     model = factory().eval()
-    e = add_exits(model, at, input_size=(3, size, size))
+    e = add_exits(model, at, input_size=(3, size, size), hidden=hidden)
     assert [p.name for p in e.points] == at
     x = torch.zeros(1, 3, size, size)
     stem, all_blocks = _stem_and_blocks(model)

@@ -66,3 +66,18 @@ def test_evaluate_runs_the_engine_to_the_sweeps_numbers_and_holds_the_cap(run, c
     assert capped["max_macs_seen"] <= cap and sum(capped["exit_shares"][3:]) == 0
     assert main(["exits", "evaluate", str(folder)]) == 2
     assert "give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both" in capsys.readouterr().err
+
+
+def test_training_the_backbone_with_its_exits_changes_it_and_keeps_the_start_as_teacher(run):
+    root, _ = run
+    cfg = ExitsConfig(
+        model="cifar:resnet20", data=DATA, checkpoint=str(root / "r20.pt"), out=str(root / "joint"), epochs=1, batch_size=64, held_out=200,
+        train_backbone=True, hidden=32,
+    )  # fmt: skip
+    metrics = train_exits(cfg)
+    model, saved_cfg = load_exit_run(root / "joint")
+    assert saved_cfg.train_backbone and all(h.fc.in_features == 32 for h in model.heads)
+    start = torch.load(root / "r20.pt", weights_only=True)
+    assert not torch.equal(model.backbone.state_dict()["conv1.weight"], start["conv1.weight"])
+    first = json.loads((root / "run" / "metrics.json").read_text())
+    assert metrics["start_accuracy"] == pytest.approx(first["dense_accuracy"])  # the untouched network, measured by the frozen run

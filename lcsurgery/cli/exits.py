@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.data.loaders import ArrayLoader, normalization
 from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
@@ -41,9 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--pretrained", action="store_true", help="the model's published weights (downloads)")
     tr.add_argument("--out", default=DEFAULTS["out"])
     tr.add_argument("--at", nargs="+", default=list(DEFAULTS["at"]), help="'macs' (exits at 15, 30, ..., 90%% of the MACs), MAC fractions, or module names")
+    tr.add_argument("--hidden", type=int, default=DEFAULTS["hidden"], help="width of a hidden layer in each head (0: SDN's linear head)")
     for name in ("epochs", "batch_size", "held_out", "seed"):
         tr.add_argument(f"--{name.replace('_', '-')}", type=int, default=DEFAULTS[name])
-    for name in ("lr", "distill_weight", "distill_temperature"):
+    tr.add_argument("--train-backbone", action="store_true", help="fine-tune the network with its exits (distilled from its starting self) instead of keeping it frozen")
+    for name in ("lr", "backbone_lr", "distill_weight", "distill_temperature"):
         tr.add_argument(f"--{name.replace('_', '-')}", type=float, default=DEFAULTS[name])
     tr.add_argument("--size", type=int)
     tr.add_argument("--test-subset", type=int)
@@ -53,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--budget", type=float, help="mean MACs per image as a fraction of the network without exits")
     ev.add_argument("--max-macs", type=int, help="no image may cost more MACs than this")
     ev.add_argument("--test-subset", type=int, help="test images to run (class-balanced; default all)")
+    ev.add_argument("--latency", type=int, metavar="N", help="also time N test images at batch 1 on the CPU, with and without exits (one thread)")
     pt = sub.add_parser("points", help="list where exits can go (a dry run of add_exits)")
     pt.add_argument("--model", required=True, help=f"model spec: {SPEC_HELP}")
     pt.add_argument("--size", type=int, help="input resolution (default: the model's)")
@@ -71,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         cfg.at = tuple(cfg.at)
         train_exits(cfg)
         return 0
-    return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset)
+    return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset, args.latency)
 
 
-def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset: int | None) -> int:
+def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset: int | None, latency: int | None = None) -> int:
     """Set the policy on the run's held-out images, then run the test images through the engine."""
     if budget is None and max_macs is None:
         raise LCSurgeryError("give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both")
@@ -100,5 +104,10 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     shares = " / ".join(f"{100 * s:.0f}%" for s in result["exit_shares"])
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {len(macs_t)} test images; "
           f"most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
+    if latency:
+        images = torch.cat([x for x, _ in ArrayLoader(test.subset(latency), 256, train=False, **common)])
+        result["latency"] = t = time_exits(model, images)
+        print(f"batch 1, one thread, {len(images)} images: {t['dense_ms_per_image']:.2f} ms without exits, {t['exits_ms_per_image']:.2f} ms with: "
+              f"{t['speedup']:.2f}x faster for {t['mac_ratio']:.2f}x fewer MACs (efficiency {t['efficiency']:.2f})")  # fmt: skip
     (run / "evaluate.json").write_text(json.dumps(result, indent=2))
     return 0

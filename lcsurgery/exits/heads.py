@@ -10,15 +10,18 @@ from torch import Tensor, nn
 class ExitHead(nn.Module):
     """Pool the feature map to ``pool`` x ``pool`` with a learned mix of max and average pooling,
     then one linear layer: SDN's internal classifier (Kaya et al., 2019), cheap next to any block
-    (``in_channels * pool**2 * num_classes`` MACs)."""
+    (``in_channels * pool**2 * num_classes`` MACs). ``hidden`` > 0 puts a hidden layer of that
+    width (and a ReLU) before the classifier, for early feature maps a linear layer cannot read."""
 
-    def __init__(self, in_channels: int, num_classes: int, pool: int = 4) -> None:
+    def __init__(self, in_channels: int, num_classes: int, pool: int = 4, hidden: int = 0) -> None:
         super().__init__()
         self.pool = pool
         self.mix = nn.Parameter(torch.zeros(()))  # sigmoid(mix): the share of max pooling
-        self.fc = nn.Linear(in_channels * pool * pool, num_classes)
+        features = in_channels * pool * pool
+        self.hidden = nn.Sequential(nn.Linear(features, hidden), nn.ReLU()) if hidden else nn.Identity()
+        self.fc = nn.Linear(hidden or features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         a = torch.sigmoid(self.mix)
         pooled = a * F.adaptive_max_pool2d(x, self.pool) + (1 - a) * F.adaptive_avg_pool2d(x, self.pool)
-        return self.fc(pooled.flatten(1))
+        return self.fc(self.hidden(pooled.flatten(1)))

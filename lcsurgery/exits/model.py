@@ -58,10 +58,10 @@ class ExitModel(nn.Module):
     """A network with early exits: ``backbone`` (the original weights, under their names), the
     ``heads`` and the compiled segments between them."""
 
-    def __init__(self, backbone: nn.Module, graph: fx.Graph, points: list[ExitPoint], cuts: list[fx.Node], num_classes: int, input_size: tuple[int, int, int], pool: int) -> None:
+    def __init__(self, backbone: nn.Module, graph: fx.Graph, points: list[ExitPoint], cuts: list[fx.Node], num_classes: int, input_size: tuple[int, int, int], pool: int, hidden: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleList(ExitHead(p.shape[1], num_classes, pool) for p in points)
+        self.heads = nn.ModuleList(ExitHead(p.shape[1], num_classes, pool, hidden) for p in points)
         self.points = points
         self.input_size = tuple(input_size)
         self.policy: ExitPolicy | None = None
@@ -176,6 +176,7 @@ def add_exits(
     num_classes: int | None = None,
     input_size: tuple[int, int, int] | None = None,
     pool: int = 4,
+    hidden: int = 0,
     leaf_modules: Sequence[str | type] = (),
 ) -> ExitModel:
     """Return a copy of ``model`` with early-exit heads; ``model`` is untouched.
@@ -187,6 +188,7 @@ def add_exits(
         num_classes: the heads' outputs (default: the width of the model's output).
         input_size: (C, H, W) of an example input (default: the model's own, else 3 x 224 x 224).
         pool: each head pools its feature map to ``pool`` x ``pool`` before its linear layer.
+        hidden: width of a hidden layer in each head (0: the linear head of Shallow-Deep Networks).
 
     With no policy set the result computes exactly what ``model`` does; set one with
     ``lcsurgery.exits.policy.set_budget``.
@@ -201,7 +203,7 @@ def add_exits(
     chosen = _choose(points, at)
     out_shape = _output_shape(graph)
     classes = num_classes or out_shape[-1]
-    exits = ExitModel(root, graph, [points[i] for i in chosen], [nodes[i] for i in chosen], classes, size, pool)
+    exits = ExitModel(root, graph, [points[i] for i in chosen], [nodes[i] for i in chosen], classes, size, pool, hidden)
     exits.train(model.training)
     return exits
 

@@ -1,9 +1,10 @@
-"""Training early exits on a frozen pretrained network, and the budget sweep of the result.
+"""Training early exits on a pretrained network, and the budget sweep of the result.
 
-``train_exits`` attaches the heads (``lcsurgery.exits.model.add_exits``), keeps every backbone
-weight and statistic frozen (the network's own output never changes), and trains the heads on
-the training images minus a held-out part, each head by cross-entropy plus distillation from the
-network's own output. The held-out training images then set the exit policy for each budget of
+``train_exits`` attaches the heads (``lcsurgery.exits.model.add_exits``) and trains them on the
+training images minus a held-out part, each by cross-entropy plus distillation. By default every
+backbone weight and statistic stays frozen (the network's own output never changes, and teaches
+the heads); ``train_backbone`` fine-tunes the network with its exits, every output distilled
+from the network as it started, so early layers learn features the early heads can use. The held-out training images then set the exit policy for each budget of
 a sweep (``lcsurgery.exits.policy``); the test set only measures it. A run folder holds
 ``config.json``, ``log.jsonl``, ``model.pt`` (backbone and heads), ``metrics.json`` (per-exit
 accuracy and the sweep), ``sweep.md`` and ``sweep.png``.
@@ -11,6 +12,7 @@ accuracy and the sweep), ``sweep.md`` and ``sweep.png``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -42,9 +44,12 @@ class ExitsConfig:
     pretrained: bool = False
     out: str = "runs/exits"
     at: tuple = ("macs",)  # "macs", MAC fractions, or module names (add_exits' ``at``)
+    hidden: int = 0  # width of a hidden layer in each head (0: SDN's linear head)
     epochs: int = 5
     batch_size: int = 128
-    lr: float = 3e-3  # Adam, cosine to zero
+    lr: float = 3e-3  # the heads' (Adam, cosine to zero)
+    train_backbone: bool = False  # fine-tune the network with its exits, distilled from its starting self
+    backbone_lr: float = 0.01  # SGD with Nesterov momentum, cosine to zero
     distill_weight: float = 0.5  # share of distillation from the network's own output in each head's loss
     distill_temperature: float = 3.0
     held_out: int = 5000  # training images kept out of head training to set the exit policy
@@ -78,7 +83,7 @@ def build_exit_model(cfg: ExitsConfig) -> ExitModel:
     elif not cfg.pretrained:
         raise LCSurgeryError("exits train the heads of a trained network and leave it frozen: pass --checkpoint or --pretrained")
     size = cfg.size or getattr(model, "default_input_size", (3, 224, 224))[-1]
-    exits = add_exits(model.eval(), _at(cfg), input_size=(3, size, size))
+    exits = add_exits(model.eval(), _at(cfg), input_size=(3, size, size), hidden=cfg.hidden)
     for p in exits.backbone.parameters():
         p.requires_grad_(False)
     return exits
@@ -107,21 +112,27 @@ def train_exits(cfg: ExitsConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (out / "log.jsonl").unlink(missing_ok=True)
-    opt = torch.optim.Adam(model.heads.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(train))
+    teacher = _start_teacher(model) if cfg.train_backbone else None
+    steps = cfg.epochs * len(train)
+    opts = [torch.optim.Adam(model.heads.parameters(), lr=cfg.lr)]
+    if teacher is not None:
+        opts.append(torch.optim.SGD(model.backbone.parameters(), lr=cfg.backbone_lr, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in opts]
     for epoch in range(cfg.epochs):
         t0 = time.time()
         train.set_epoch(epoch)
-        model.backbone.eval()
+        model.backbone.train(teacher is not None)
         model.heads.train()
         seen, loss_sum = 0, 0.0
         bar = tqdm(train, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
         for x, y in bar:
-            loss = exit_loss(model, x, y, cfg.distill_weight, cfg.distill_temperature)
-            opt.zero_grad(set_to_none=True)
+            loss = exit_loss(model, x, y, cfg.distill_weight, cfg.distill_temperature, teacher)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for o, sch in zip(opts, scheds, strict=True):
+                o.step()
+                sch.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
@@ -131,32 +142,58 @@ def train_exits(cfg: ExitsConfig) -> dict:
             f.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1}: held-out accuracy per exit {' '.join(f'{a:.3f}' for a in accs)}")
     torch.save(model.state_dict(), out / "model.pt")
-    metrics = sweep_report(model, score(model, held), score(model, test))
+    test_scores = score(model, test)
+    metrics = sweep_report(model, score(model, held), test_scores)
+    metrics["start_accuracy"] = metrics["dense_accuracy"] if teacher is None else _accuracy(teacher, test)
     metrics.update(model=cfg.model, data=cfg.data, epochs=cfg.epochs, exits=[p.name for p in model.points])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "sweep.md").write_text(format_sweep(metrics) + "\n")
-    from lcsurgery.viz.figures import exit_sweep_plot
+    from lcsurgery.viz.figures import exit_sweep_plot, exits_by_class
 
-    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of head training")
+    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of {'training' if teacher else 'head training'}")
+    half = next((r for r in metrics["sweep"] if r["budget"] == 0.5), None)
+    if half is not None:
+        exit_of, _ = simulate(test_scores, model.exit_costs(), ExitPolicy((half["threshold"],) * model.num_exits))
+        exits_by_class(exit_of, test_scores.labels, test.data.classes, [*metrics["exits"], "own head"], out / "exits_by_class.png", title="where each class leaves at half the MACs")
     print(format_sweep(metrics))
     return metrics
 
 
-def exit_loss(model: ExitModel, x: torch.Tensor, y: torch.Tensor, distill_weight: float, temperature: float) -> torch.Tensor:
-    """Mean over the heads of (1 - w) cross-entropy + w distillation from the network's own output;
-    the backbone runs without gradients."""
-    maps = []
-    with torch.no_grad():
-        h = x
-        for i in range(model.num_exits):
-            h = model.segment(i, h)
-            maps.append(h)
-        final = model.segment(model.num_exits, h)
-    losses = []
-    for head, m in zip(model.heads, maps, strict=True):
-        logits = head(m)
-        losses.append((1 - distill_weight) * F.cross_entropy(logits, y) + distill_weight * distill_loss(logits, final, temperature))
+def _start_teacher(model: ExitModel) -> torch.nn.Module:
+    """A frozen copy of the network as it starts, to distil every exit and the final head from."""
+    teacher = copy.deepcopy(model.backbone).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for p in model.backbone.parameters():
+        p.requires_grad_(True)
+    return teacher
+
+
+def exit_loss(model: ExitModel, x: torch.Tensor, y: torch.Tensor, distill_weight: float, temperature: float, teacher: torch.nn.Module | None = None) -> torch.Tensor:
+    """Mean over the heads of (1 - w) cross-entropy + w distillation. With no ``teacher`` the
+    backbone is frozen: it runs without gradients and its own output teaches the heads; with one,
+    the backbone's output is trained too and every head learns from the teacher."""
+    if teacher is None:
+        maps = []
+        with torch.no_grad():
+            h = x
+            for i in range(model.num_exits):
+                h = model.segment(i, h)
+                maps.append(h)
+            target = model.segment(model.num_exits, h)
+        outs = [head(m) for head, m in zip(model.heads, maps, strict=True)]
+    else:
+        outs = model.forward_exits(x)
+        with torch.no_grad():
+            target = teacher(x)
+    losses = [(1 - distill_weight) * F.cross_entropy(o, y) + distill_weight * distill_loss(o, target, temperature) for o in outs]
     return torch.stack(losses).mean()
+
+
+def _accuracy(model: torch.nn.Module, loader: ArrayLoader) -> float:
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return correct / len(loader.data)
 
 
 def exit_accuracies(scores: ExitScores) -> list[float]:
@@ -213,7 +250,9 @@ def format_sweep(m: dict) -> str:
         "| MACs (fraction of dense) | " + " | ".join(f"{f:.3f}" for f in m["exit_fractions"]) + " |",
         "| top-1 (test) | " + " | ".join(f"{100 * a:.2f}%" for a in m["exit_accuracy"]) + " |",
         "",
-        f"Dense: {100 * m['dense_accuracy']:.2f}% at {m['dense_macs'] / 1e6:.2f}M MACs. Policy set on {m['held_out_images']} held-out training images, measured on {m['test_images']} test images.",
+        f"Without exits: {100 * m['dense_accuracy']:.2f}% at {m['dense_macs'] / 1e6:.2f}M MACs"
+        + (f" (the network before training: {100 * m['start_accuracy']:.2f}%)" if m.get("start_accuracy", m["dense_accuracy"]) != m["dense_accuracy"] else "")
+        + f". Policy set on {m['held_out_images']} held-out training images, measured on {m['test_images']} test images.",
         "",
         "| MAC budget | threshold | top-1 | vs dense (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit |",
         "|---|---|---|---|---|---|---|",

@@ -10,6 +10,7 @@
 - ``gate_usage``: per block, the share of gates always off, conditional and always on.
 - ``controller_plot``: the MAC fraction and penalty strength over training steps.
 - ``exit_sweep_plot``: one model with early exits swept by its MAC budget knob, beside trained points.
+- ``exits_by_class``: per class, the share of test images leaving at each exit under one budget.
 """
 
 from __future__ import annotations
@@ -236,4 +237,25 @@ def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[di
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "early exits: accuracy vs MACs", fontsize=10)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def exits_by_class(exit_of: Tensor, labels: Tensor, classes: list[str], exit_names: list[str], path: Path, title: str = "") -> Path:
+    """Per class, a stacked bar of where its images leave (early exits in warm colours, the
+    network's own head last): which classes the exits find easy."""
+    k = len(exit_names)
+    shares = np.array([[float((exit_of[labels == c] == e).float().mean()) if (labels == c).any() else 0.0 for e in range(k)] for c in range(len(classes))])
+    order = np.argsort(-(shares * np.arange(k)).sum(1))  # hardest class (latest mean exit) on top
+    fig, ax = plt.subplots(figsize=(7.2, 0.35 * len(classes) + 1.4))
+    colors = plt.cm.viridis(np.linspace(0.95, 0.1, k))
+    left = np.zeros(len(classes))
+    for e in range(k):
+        ax.barh(np.arange(len(classes)), shares[order, e], left=left[order], color=colors[e], label=exit_names[e])
+        left += shares[:, e]
+    ax.set_yticks(np.arange(len(classes)), [classes[i] for i in order], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the class's test images")
+    ax.set_title(title or "where each class leaves", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(k, 7), fontsize=7, title="exit", title_fontsize=7)
     return _save(fig, path)
