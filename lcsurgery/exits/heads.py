@@ -22,6 +22,5 @@ class ExitHead(nn.Module):
         self.fc = nn.Linear(hidden or features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        a = torch.sigmoid(self.mix)
-        pooled = a * F.adaptive_max_pool2d(x, self.pool) + (1 - a) * F.adaptive_avg_pool2d(x, self.pool)
+        pooled = torch.lerp(F.adaptive_avg_pool2d(x, self.pool), F.adaptive_max_pool2d(x, self.pool), torch.sigmoid(self.mix))
         return self.fc(self.hidden(pooled.flatten(1)))

@@ -128,6 +128,8 @@ class ExitModel(nn.Module):
         gathered into a smaller batch, so later segments run only for them."""
         costs = self.exit_costs(tuple(x.shape[1:]))
         check_cap(policy.max_macs, costs)
+        if len(x) == 1:
+            return self._run_one(x, policy, costs)
         n = len(x)
         exit_of = torch.full((n,), self.num_exits, dtype=torch.long)
         idx = torch.arange(n, device=x.device)
@@ -150,6 +152,17 @@ class ExitModel(nn.Module):
             out[idx] = self.segment(self.num_exits, h)
         self._record(exit_of, torch.tensor(costs)[exit_of])
         return out
+
+    def _run_one(self, x: Tensor, policy: ExitPolicy, costs: list[int]) -> Tensor:
+        """Batch 1: the same decisions with no gathering, so leaving early costs no bookkeeping."""
+        for i in range(self.num_exits):
+            x = self.segment(i, x)
+            logits = self.heads[i](x)
+            if float(logits.softmax(1).amax()) >= policy.thresholds[i] or (policy.max_macs is not None and costs[i + 1] > policy.max_macs):
+                self._record(torch.tensor([i]), torch.tensor([costs[i]]))
+                return logits
+        self._record(torch.tensor([self.num_exits]), torch.tensor([costs[-1]]))
+        return self.segment(self.num_exits, x)
 
     def _record(self, exit_of: Tensor, macs: Tensor) -> None:
         self.last_exit, self.last_macs = exit_of, macs.long()
