@@ -81,3 +81,11 @@ def test_training_the_backbone_with_its_exits_changes_it_and_keeps_the_start_as_
     assert not torch.equal(model.backbone.state_dict()["conv1.weight"], start["conv1.weight"])
     first = json.loads((root / "run" / "metrics.json").read_text())
     assert metrics["start_accuracy"] == pytest.approx(first["dense_accuracy"])  # the untouched network, measured by the frozen run
+
+
+def test_figure_redraws_the_sweep_and_says_what_a_tradeoff_folder_lacks(run, tmp_path, capsys):
+    root, _ = run
+    assert main(["exits", "figure", str(root / "run"), "--out", str(tmp_path / "sweep.png")]) == 0
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert main(["exits", "figure", str(root / "run"), "--tradeoff", str(tmp_path)]) == 2
+    assert "has no results.json: run lcsurgery bench tradeoff (or --report-only) there first" in capsys.readouterr().err

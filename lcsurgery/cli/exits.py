@@ -4,6 +4,7 @@ Examples:
   lcsurgery exits train --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 5 --out runs/exits/r20
   lcsurgery exits evaluate runs/exits/r20 --budget 0.4
   lcsurgery exits evaluate runs/exits/r20 --max-macs 20000000
+  lcsurgery exits figure runs/exits/r20 --tradeoff runs/tradeoff   (the sweep beside per-budget trained runs)
   lcsurgery exits points --model cifar:resnet20     (where exits can go, and the MACs before each)
 
 ``train`` ends with a sweep of the budget knob (sweep.md, sweep.png, metrics.json); ``evaluate``
@@ -57,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--max-macs", type=int, help="no image may cost more MACs than this")
     ev.add_argument("--test-subset", type=int, help="test images to run (class-balanced; default all)")
     ev.add_argument("--latency", type=int, metavar="N", help="also time N test images at batch 1 on the CPU, with and without exits (one thread)")
+    fg = sub.add_parser("figure", help="redraw a run's sweep, beside the separately trained points of a bench tradeoff folder")
+    fg.add_argument("run", help="an exits run folder")
+    fg.add_argument("--tradeoff", help="a bench tradeoff folder (its results.json): static, Torch-Pruning and gated runs per budget")
+    fg.add_argument("--out", help="the PNG to write (default: RUN/sweep.png)")
     pt = sub.add_parser("points", help="list where exits can go (a dry run of add_exits)")
     pt.add_argument("--model", required=True, help=f"model spec: {SPEC_HELP}")
     pt.add_argument("--size", type=int, help="input resolution (default: the model's)")
@@ -75,7 +80,27 @@ def run(args: argparse.Namespace) -> int:
         cfg.at = tuple(cfg.at)
         train_exits(cfg)
         return 0
+    if args.action == "figure":
+        return figure(Path(args.run), Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None)
     return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset, args.latency)
+
+
+def figure(run: Path, tradeoff: Path | None, out: Path | None) -> int:
+    """The sweep of ``run`` as accuracy vs MACs, with a trade-off benchmark's trained points."""
+    from lcsurgery.viz.figures import exit_sweep_plot
+
+    if not (run / "metrics.json").exists():
+        raise LCSurgeryError(f"{run} is not a finished exits run (no metrics.json)")
+    metrics = json.loads((run / "metrics.json").read_text())
+    trained = None
+    if tradeoff is not None:
+        if not (tradeoff / "results.json").exists():
+            raise LCSurgeryError(f"{tradeoff} has no results.json: run lcsurgery bench tradeoff (or --report-only) there first")
+        trained = json.loads((tradeoff / "results.json").read_text())["groups"]
+    cfg = json.loads((run / "config.json").read_text())
+    title = f"{cfg['model']} with exits ({'network trained with them' if cfg.get('train_backbone') else 'network frozen'}, {cfg['epochs']} epochs)"
+    print(f"wrote {exit_sweep_plot(metrics, out or run / 'sweep.png', title=title, trained=trained)}")
+    return 0
 
 
 def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset: int | None, latency: int | None = None) -> int:

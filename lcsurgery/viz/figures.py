@@ -229,6 +229,8 @@ def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[di
         if g["kind"] in ("static", "dynamic", "torch-pruning") and g.get("recipe", "default") == "default":
             color, marker, _, label = SERIES_STYLE[(g["kind"], g["placement"])]
             ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker=marker, color=color, linestyle="none", label=f"{label} (trained per budget)")
+        elif g["kind"] == "dense":
+            ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker="*", markersize=12, markerfacecolor="none", color="black", linestyle="none", label="dense fine-tune (trade-off benchmark)")
     ax.plot(_millions(dense), 100 * metrics["dense_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="network without exits")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
