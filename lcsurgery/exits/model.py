@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.heads import ExitHead
 from lcsurgery.exits.split import CutPoint, compile_segment, cut_points, segment_graphs
-from lcsurgery.fx.ops import tensor_shape
+from lcsurgery.fx.ops import conv_macs, tensor_shape
 from lcsurgery.fx.tracer import trace, training_mode
 from lcsurgery.macs.static import CallModule, fvcore_macs
 from lcsurgery.surgery.block import GatedBlock
@@ -234,8 +234,7 @@ def _analyse(root: nn.Module, input_size: tuple[int, int, int] | None, leaf_modu
     cuts: list[CutPoint] = cut_points(graph)
     if not cuts:
         raise LCSurgeryError(f"{type(root).__name__} never narrows to a single feature map, so no exit can be attached")
-    with training_mode(root, False), torch.no_grad():
-        macs = _prefix_macs(root, graph, [c.node for c in cuts], example)
+    macs = _macs_before(graph, root, [c.node for c in cuts])
     total = macs[-1]
     kept = [
         k for k in range(len(cuts))
@@ -246,15 +245,16 @@ def _analyse(root: nn.Module, input_size: tuple[int, int, int] | None, leaf_modu
     return graph, size, points, [cuts[k].node for k in kept]
 
 
-def _prefix_macs(root: nn.Module, graph: fx.Graph, cuts: list[fx.Node], example: Tensor) -> list[int]:
-    """Cumulative MACs at each cut, and last the whole network's."""
-    totals, total, x = [], 0, example
-    for g in segment_graphs(graph, cuts):
-        fn = compile_segment(root, g)
-        total += fvcore_macs(CallModule(lambda t, fn=fn: fn(root, t), root), (x,))
-        totals.append(total)
-        x = fn(root, x)
-    return totals
+def _macs_before(graph: fx.Graph, root: nn.Module, cuts: list[fx.Node]) -> list[int]:
+    """Conv and linear MACs spent up to each cut (from the recorded shapes), and last the whole
+    network's: enough to place exits; what an exit costs is counted by fvcore once it is placed."""
+    at = set(cuts)
+    totals, total = [], 0
+    for n in graph.nodes:
+        total += conv_macs(n, root) if n.op == "call_module" else 0
+        if n in at:
+            totals.append(total)
+    return [*totals, total]
 
 
 def _choose(points: list[ExitPoint], at: str | Sequence[float] | Sequence[str]) -> list[int]:
