@@ -63,6 +63,7 @@ def test_evaluate_runs_the_engine_to_the_sweeps_numbers_and_holds_the_cap(run, c
     cap = metrics["exit_costs"][2]
     assert main(["exits", "evaluate", str(folder), "--max-macs", str(cap), ]) == 0
     capped = json.loads((folder / "evaluate.json").read_text())
+    assert (folder / "exits_by_class.png").stat().st_size > 10_000
     assert capped["max_macs_seen"] <= cap and sum(capped["exit_shares"][3:]) == 0
     assert main(["exits", "evaluate", str(folder)]) == 2
     assert "give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both" in capsys.readouterr().err

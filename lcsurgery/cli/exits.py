@@ -9,7 +9,8 @@ Examples:
 
 ``train`` ends with a sweep of the budget knob (sweep.md, sweep.png, metrics.json); ``evaluate``
 sets the policy for one budget on the run's held-out training images and runs the test set
-through the early-exit engine, each image leaving at its exit.
+through the early-exit engine, each image leaving at its exit (evaluate.json, and
+exits_by_class.png: where each class leaves).
 """
 
 from __future__ import annotations
@@ -113,13 +114,19 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     test = load_arrays(cfg.data, "test").subset(test_subset)
     common = dict(mean=mean, std=std, size=cfg.size)
     policy = set_budget(model, budget, calibration=ArrayLoader(held, 256, train=False, **common), max_macs=max_macs)
-    correct, macs, exits = 0, [], []
+    correct, macs, exits, labels = 0, [], [], []
     with torch.no_grad():
         for x, y in ArrayLoader(test, 256, train=False, **common):
             correct += int((model(x).argmax(1) == y).sum())
             macs.append(model.last_macs)
             exits.append(model.last_exit)
+            labels.append(y)
     macs_t, exits_t = torch.cat(macs), torch.cat(exits)
+    from lcsurgery.viz.figures import exits_by_class
+
+    names = [*(p.name for p in model.points), "own head"]
+    what = " and ".join(x for x in (f"budget {budget}" if budget else "", f"at most {max_macs:,} MACs" if max_macs else "") if x)
+    figure_path = exits_by_class(exits_t, torch.cat(labels), test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
     dense = model.dense_macs()
     result = {
         "budget": budget, "max_macs": max_macs, "threshold": policy.thresholds[0] if policy else None, "accuracy": correct / len(macs_t),
@@ -135,4 +142,5 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
         print(f"batch 1, one thread, {len(images)} images: {t['dense_ms_per_image']:.2f} ms without exits, {t['exits_ms_per_image']:.2f} ms with: "
               f"{t['speedup']:.2f}x faster for {t['mac_ratio']:.2f}x fewer MACs (efficiency {t['efficiency']:.2f})")  # fmt: skip
     (run / "evaluate.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {run / 'evaluate.json'}, {figure_path}")
     return 0
