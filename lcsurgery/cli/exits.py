@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 
 from lcsurgery.bench.exit_latency import time_exits
-from lcsurgery.data.loaders import ArrayLoader, normalization
-from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
-from lcsurgery.exits.policy import score, set_budget
+from lcsurgery.exits.policy import set_budget
 from lcsurgery.models.factory import SPEC_HELP, create_model
-from lcsurgery.train.exits import ExitsConfig, load_exit_run, train_exits
+from lcsurgery.train.exits import ExitsConfig, exit_loaders, load_exit_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
 
@@ -78,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         fields = {f.name for f in dataclasses.fields(ExitsConfig)}
         cfg = ExitsConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        cfg.at = tuple(cfg.at)
         train_exits(cfg)
         return 0
     if args.action == "figure":
@@ -109,14 +106,12 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     if budget is None and max_macs is None:
         raise LCSurgeryError("give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both")
     model, cfg = load_exit_run(run)
-    mean, std = normalization(model.backbone)
-    _, held = load_arrays(cfg.data, "train").split(cfg.held_out)
-    test = load_arrays(cfg.data, "test").subset(test_subset)
-    common = dict(mean=mean, std=std, size=cfg.size)
-    policy = set_budget(model, budget, calibration=ArrayLoader(held, 256, train=False, **common), max_macs=max_macs)
+    _, held, test_loader = exit_loaders(cfg, model.backbone, test_subset)
+    test = test_loader.data
+    policy = set_budget(model, budget, calibration=held, max_macs=max_macs)
     correct, macs, exits, labels = 0, [], [], []
     with torch.no_grad():
-        for x, y in ArrayLoader(test, 256, train=False, **common):
+        for x, y in test_loader:
             correct += int((model(x).argmax(1) == y).sum())
             macs.append(model.last_macs)
             exits.append(model.last_exit)
@@ -137,7 +132,7 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {len(macs_t)} test images; "
           f"most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
     if latency:
-        images = torch.cat([x for x, _ in ArrayLoader(test.subset(latency), 256, train=False, **common)])
+        images = torch.cat([x for x, _ in exit_loaders(cfg, model.backbone, latency)[2]])
         result["latency"] = t = time_exits(model, images)
         print(f"batch 1, one thread, {len(images)} images: {t['dense_ms_per_image']:.2f} ms without exits, {t['exits_ms_per_image']:.2f} ms with: "
               f"{t['speedup']:.2f}x faster for {t['mac_ratio']:.2f}x fewer MACs (efficiency {t['efficiency']:.2f})")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,6 @@ class ArrayDataset:
         order = torch.argsort(_rank_within_class(self.labels), stable=True)[:n]
         return ArrayDataset(self.images[order], self.labels[order], self.classes)
 
-
     def split(self, held_out: int) -> tuple[ArrayDataset, ArrayDataset]:
         """(the rest, ``held_out`` images): the held-out part balanced over classes (the last
         images of each class), for tuning on training images the model did not train on."""
@@ -34,8 +34,7 @@ class ArrayDataset:
             raise ValueError(f"held_out must be between 0 and {len(self)} images, got {held_out}")
         rank = _rank_within_class(self.labels)
         counts = torch.bincount(self.labels)[self.labels]
-        per_class = held_out / len(self.classes)
-        held = rank >= counts - torch.ceil(torch.full_like(rank, per_class, dtype=torch.float)).long()
+        held = rank >= counts - math.ceil(held_out / len(self.classes))
         held_idx = held.nonzero().squeeze(1)[:held_out]
         mask = torch.zeros(len(self), dtype=torch.bool)
         mask[held_idx] = True

@@ -15,16 +15,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.heads import ExitHead
 from lcsurgery.exits.split import CutPoint, compile_segment, cut_points, segment_graphs
 from lcsurgery.fx.ops import conv_macs, tensor_shape
-from lcsurgery.fx.tracer import trace, training_mode
+from lcsurgery.fx.tracer import training_mode
 from lcsurgery.macs.static import CallModule, fvcore_macs
 from lcsurgery.surgery.block import GatedBlock
-from lcsurgery.surgery.convert import resolve_input_size
+from lcsurgery.surgery.convert import resolve_input_size, tensor_kwargs, trace_with_shapes
 
 # Shallow-Deep Networks' exit places: these fractions of the network's MACs.
 SDN_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
@@ -92,7 +91,7 @@ class ExitModel(nn.Module):
 
     def _counts(self, size: tuple[int, ...]) -> tuple[list[int], int]:
         if size not in self._costs:
-            x = torch.zeros(1, *size, **_tensor_kwargs(self.backbone))
+            x = torch.zeros(1, *size, **tensor_kwargs(self.backbone))
             cumulative, heads, total = [], [], 0
             with training_mode(self, False), torch.no_grad():
                 for i in range(self.num_exits + 1):
@@ -223,14 +222,7 @@ def add_exits(
 
 def _analyse(root: nn.Module, input_size: tuple[int, int, int] | None, leaf_modules: Sequence[str | type]) -> tuple[fx.Graph, tuple, list[ExitPoint], list[fx.Node]]:
     size = resolve_input_size(root, input_size)
-    graph, _ = trace(root, leaf_modules)
-    gm = fx.GraphModule(root, graph)
-    example = torch.zeros(1, *size, **_tensor_kwargs(root))
-    try:
-        with training_mode(root, False), torch.no_grad():
-            ShapeProp(gm).propagate(example)
-    except Exception as exc:  # any failure of the user's model on the example input
-        raise LCSurgeryError(f"running {type(root).__name__} on an example input of shape {tuple(example.shape)} failed ({type(exc).__name__}: {exc}); pass input_size=(C, H, W)") from exc
+    graph = trace_with_shapes(root, leaf_modules, size)
     cuts: list[CutPoint] = cut_points(graph)
     if not cuts:
         raise LCSurgeryError(f"{type(root).__name__} never narrows to a single feature map, so no exit can be attached")
@@ -290,8 +282,3 @@ def _output_shape(graph: fx.Graph) -> tuple[int, ...]:
     if shape is None or len(shape) != 2:
         raise LCSurgeryError(f"exits need a model whose output is one [batch, classes] tensor, this one returns {shape or type(out).__name__}")
     return shape
-
-
-def _tensor_kwargs(model: nn.Module) -> dict:
-    p = next(model.parameters(), None)
-    return {} if p is None else {"device": p.device, "dtype": p.dtype}

@@ -126,19 +126,25 @@ def _refuse_converted(model: nn.Module) -> None:
 def _analyse(
     root: nn.Module, leaf_modules: Sequence[str | type], input_size: tuple[int, int, int] | None, options: BlockOptions
 ) -> tuple[fx.Graph, list[BlockSpec], list[Rejected]]:
+    graph = trace_with_shapes(root, leaf_modules, resolve_input_size(root, input_size))
+    specs, rejected = find_residual_blocks(graph, root, options)
+    return graph, specs, rejected
+
+
+def trace_with_shapes(root: nn.Module, leaf_modules: Sequence[str | type], input_size: tuple[int, int, int]) -> fx.Graph:
+    """``root``'s fx graph with every node's shape recorded from one example input in eval mode;
+    a model that fails on that input is refused with its own error and what to pass instead."""
     graph, _ = trace(root, leaf_modules)
-    gm = fx.GraphModule(root, graph)
-    example = torch.randn(1, *resolve_input_size(root, input_size), **_tensor_kwargs(root))
+    example = torch.randn(1, *input_size, **tensor_kwargs(root))
     try:
         with training_mode(root, False), torch.no_grad():
-            ShapeProp(gm).propagate(example)
+            ShapeProp(fx.GraphModule(root, graph)).propagate(example)
     except Exception as exc:  # any failure of the user's model on the example input
         raise LCSurgeryError(
             f"running {type(root).__name__} on an example input of shape {tuple(example.shape)} failed "
             f"({type(exc).__name__}: {exc}); pass input_size=(C, H, W) that the model accepts"
         ) from exc
-    specs, rejected = find_residual_blocks(graph, root, options)
-    return graph, specs, rejected
+    return graph
 
 
 def resolve_input_size(model: nn.Module, input_size: tuple[int, int, int] | None) -> tuple[int, int, int]:
@@ -157,7 +163,8 @@ def resolve_input_size(model: nn.Module, input_size: tuple[int, int, int] | None
     return tuple(size)
 
 
-def _tensor_kwargs(model: nn.Module) -> dict:
+def tensor_kwargs(model: nn.Module) -> dict:
+    """Device and dtype of the model's parameters, for tensors made to run through it."""
     p = next(model.parameters(), None)
     return {} if p is None else {"device": p.device, "dtype": p.dtype}
 

@@ -59,6 +59,7 @@ class ExitsConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        self.at = tuple(self.at)  # the CLI and config.json give a list
         if self.epochs < 1:
             raise LCSurgeryError(f"epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.distill_weight <= 1:
@@ -82,17 +83,19 @@ def build_exit_model(cfg: ExitsConfig) -> ExitModel:
         load_weights(model, cfg.checkpoint)
     elif not cfg.pretrained:
         raise LCSurgeryError("exits train the heads of a trained network and leave it frozen: pass --checkpoint or --pretrained")
-    size = cfg.size or getattr(model, "default_input_size", (3, 224, 224))[-1]
-    exits = add_exits(model.eval(), _at(cfg), input_size=(3, size, size), hidden=cfg.hidden)
+    size = (3, cfg.size, cfg.size) if cfg.size else None  # None: the model's own, as convert resolves it
+    exits = add_exits(model.eval(), _at(cfg), input_size=size, hidden=cfg.hidden)
     for p in exits.backbone.parameters():
         p.requires_grad_(False)
     return exits
 
 
-def _loaders(cfg: ExitsConfig, model: torch.nn.Module) -> tuple[ArrayLoader, ArrayLoader, ArrayLoader]:
+def exit_loaders(cfg: ExitsConfig, model: torch.nn.Module, test_subset: int | None) -> tuple[ArrayLoader, ArrayLoader, ArrayLoader]:
+    """Training images minus the held-out part (augmented), the held-out part and ``test_subset``
+    test images (None: all), normalised as ``model`` expects."""
     mean, std = normalization(model)
     train, held = load_arrays(cfg.data, "train").split(cfg.held_out)
-    test = load_arrays(cfg.data, "test").subset(cfg.test_subset)
+    test = load_arrays(cfg.data, "test").subset(test_subset)
     common = dict(mean=mean, std=std, size=cfg.size, seed=cfg.seed)
     return (
         ArrayLoader(train, cfg.batch_size, train=True, **common),
@@ -108,7 +111,7 @@ def train_exits(cfg: ExitsConfig) -> dict:
     if (out / "metrics.json").exists() and not cfg.force:
         raise LCSurgeryError(f"{out} holds a finished exits run; pass --force to overwrite it or use another --out")
     model = build_exit_model(cfg)
-    train, held, test = _loaders(cfg, model.backbone)
+    train, held, test = exit_loaders(cfg, model.backbone, cfg.test_subset)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (out / "log.jsonl").unlink(missing_ok=True)
@@ -136,14 +139,15 @@ def train_exits(cfg: ExitsConfig) -> dict:
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        accs = exit_accuracies(score(model, held))
+        held_scores = score(model, held)
+        accs = exit_accuracies(held_scores)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "held_out_accuracy": accs, "seconds": round(time.time() - t0, 1)}
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1}: held-out accuracy per exit {' '.join(f'{a:.3f}' for a in accs)}")
     torch.save(model.state_dict(), out / "model.pt")
     test_scores = score(model, test)
-    metrics = sweep_report(model, score(model, held), test_scores)
+    metrics = sweep_report(model, held_scores, test_scores)  # the last epoch's scores: the model has not changed since
     metrics["start_accuracy"] = metrics["dense_accuracy"] if teacher is None else _accuracy(teacher, test)
     metrics.update(model=cfg.model, data=cfg.data, epochs=cfg.epochs, exits=[p.name for p in model.points])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -273,7 +277,6 @@ def load_exit_run(run: Path) -> tuple[ExitModel, ExitsConfig]:
     if not (run / "model.pt").exists():
         raise LCSurgeryError(f"{run} is not a finished exits run (no model.pt)")
     cfg = ExitsConfig(**{**json.loads((run / "config.json").read_text()), "force": False})
-    cfg.at = tuple(cfg.at)
     model = build_exit_model(cfg)
     model.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), cfg
