@@ -9,21 +9,26 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from zoo import ZOO, ZOO_BY_NAME, example, original
+from zoo import ZOO, ZOO_BY_NAME, example, original, randomize_gates
 
 import lcsurgery
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitPolicy, add_exits, exit_points
 from lcsurgery.exits.policy import ExitScores, score, set_budget, simulate, threshold_policy
-from lcsurgery.macs.static import fvcore_macs
+from lcsurgery.macs.static import fvcore_macs, static_costs
 from lcsurgery.models.cifar_resnet import resnet20
 
 NAMES = [z.name for z in ZOO]
 
 
-def _exits(name: str, **kw):
+def _exits(name: str, gated: str | None = None, **kw):
+    """Exits on the zoo model, or (``gated``: a placement) on it converted, with random per-image gates."""
     size = ZOO_BY_NAME[name].size
-    return add_exits(original(name), input_size=(3, size, size), **kw)
+    model = original(name)
+    if gated:
+        model = lcsurgery.convert(model, placement=gated, input_size=(3, size, size)).eval()
+        randomize_gates(model, seed=3)
+    return add_exits(model, input_size=(3, size, size), **kw)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,9 +75,9 @@ def _randomize_heads(e, seed: int = 0) -> None:
             h.fc.weight.copy_(torch.randn(h.fc.weight.shape, generator=g) / h.fc.in_features)  # confident, not saturated
 
 
-@pytest.mark.parametrize("name", ["cifar.resnet20", "tv.resnet18", "tv.mobilenet_v2"])
-def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name):
-    e = _exits(name).eval()
+@pytest.mark.parametrize(("name", "gated"), [("cifar.resnet20", None), ("tv.resnet18", None), ("tv.mobilenet_v2", None), ("cifar.resnet20", "sequential"), ("tv.resnet18", "parallel")])
+def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name, gated):
+    e = _exits(name, gated).eval()
     _randomize_heads(e)
     x = example(name, batch=16, seed=1)
     scores = score(e, x, progress=False)
@@ -89,6 +94,63 @@ def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name):
     assert 0 < int((exit_of < e.num_exits).sum()) < len(x), "the test needs images leaving early and going on"
     expected = torch.stack([every[i][n] for n, i in enumerate(exit_of.tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+GATED = ["cifar.resnet20", "tv.resnet50", "tv.mobilenet_v2", "tv.convnext_tiny", "timm.seresnext26d_32x4d", "timm.efficientnet_b0"]
+
+
+@pytest.mark.parametrize("name", GATED)
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_exits_on_a_converted_model_keep_its_output_its_costs_and_the_original_places(name, placement):
+    size = (3, ZOO_BY_NAME[name].size, ZOO_BY_NAME[name].size)
+    e = _exits(name, placement).eval()
+    lc = e.backbone
+    x = example(name, batch=8, seed=2) * torch.linspace(0.5, 2, 8)[:, None, None, None]  # images far apart, so gates differ
+    with torch.no_grad():
+        out = e(x)
+        assert torch.equal(out, lc(x))
+    report = lcsurgery.count_macs(lc, x, progress=False)
+    assert 0 < report.ratio < 1 and len(set(report.per_sample.tolist())) > 1, "the test needs gates that differ per image"
+    assert torch.equal(e.last_macs, report.per_sample)  # no exit taken: exactly what count_macs charges
+    costs = static_costs(lc, size)
+    assert e.exit_costs()[-1] == costs.open + sum(e._counts(size).heads) and e.dense_macs() == costs.dense
+    scores = score(e, x, progress=False)
+    assert torch.equal(scores.costs[:, -1], report.per_sample + sum(e._counts(size).heads))
+    assert all(bool((scores.costs[:, i] <= e.exit_costs()[i]).all()) for i in range(e.num_exits + 1))  # open gates bound every image
+    plain = exit_points(original(name), input_size=size)
+    assert [(p.name, p.fraction) for p in e.points] == [(p.name, p.fraction) for p in _exits(name).points]
+    assert [(p.name, p.fraction) for p in exit_points(lc, input_size=size)] == [(p.name, p.fraction) for p in plain]
+
+
+def test_a_gated_images_cost_at_an_exit_is_its_truncated_gated_networks():
+    model = resnet20().eval()
+    lc = lcsurgery.convert(model, placement="sequential").eval()
+    randomize_gates(lc, seed=5)
+    e = add_exits(lc, ["layer1.1", "layer2"])
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        e.forward_exits(x)
+    stem, blocks = _stem_and_blocks(model)
+    for i, n in enumerate([2, 6]):
+        cut = lcsurgery.convert(nn.Sequential(*stem, *blocks[:n]), placement="sequential", input_size=(3, 32, 32)).eval()
+        for mine, theirs in zip(cut.lc_blocks(), lc.lc_blocks()):
+            mine.load_state_dict(theirs.state_dict())
+        heads = sum(fvcore_macs(h, (m,)) for h, m in zip(e.heads[: i + 1], [torch.zeros(1, 16, 32, 32), torch.zeros(1, 32, 16, 16)][: i + 1]))
+        assert torch.equal(e.last_exit_costs[:, i], lcsurgery.count_macs(cut, x, progress=False).per_sample + heads)
+
+
+def test_the_cap_holds_for_every_gated_image():
+    lc = lcsurgery.convert(resnet20().eval(), placement="parallel").eval()
+    randomize_gates(lc, seed=1)
+    e = add_exits(lc)
+    _randomize_heads(e)
+    costs = e.exit_costs()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    e.policy = ExitPolicy((1.1,) * e.num_exits, max_macs=costs[3])
+    with torch.no_grad():
+        e(x)
+    assert int(e.last_macs.max()) <= costs[3] and e.last_exit.tolist() == [3] * len(x)
+    assert len(set(e.last_macs.tolist())) > 1  # each image pays its own gates up to the forced exit
 
 
 def test_images_that_left_run_no_later_layer():
@@ -145,8 +207,6 @@ def test_points_by_name_and_fraction_and_clear_errors():
         add_exits(m, ["layer9"])
     with pytest.raises(LCSurgeryError, match=r"exit MAC fractions must be in \(0, 1\), got \[1.5\]"):
         add_exits(m, [0.3, 1.5])
-    with pytest.raises(LCSurgeryError, match="add_exits takes the plain network"):
-        add_exits(lcsurgery.convert(m))
     assert m.training is False and not any(n.startswith("heads") for n, _ in m.named_parameters())
 
 

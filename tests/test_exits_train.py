@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from zoo import randomize_gates
 
+import lcsurgery
 from lcsurgery.cli import main
 from lcsurgery.data.loaders import ArrayLoader, normalization
 from lcsurgery.data.sources import load_arrays
 from lcsurgery.models.cifar_resnet import resnet20
+from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.exits import ExitsConfig, load_exit_run, train_exits
 
 DATA = "synthetic:1000"
@@ -90,3 +93,35 @@ def test_figure_redraws_the_sweep_and_says_what_a_tradeoff_folder_lacks(run, tmp
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     assert main(["exits", "figure", str(root / "run"), "--tradeoff", str(tmp_path)]) == 2
     assert "has no results.json: run lcsurgery bench tradeoff (or --report-only) there first" in capsys.readouterr().err
+
+
+def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_the_sweeps_numbers(run, capsys):
+    root, _ = run
+    plain = resnet20()
+    plain.load_state_dict(torch.load(root / "r20.pt", weights_only=True))
+    lc = lcsurgery.convert(plain.eval(), placement="sequential").eval()
+    randomize_gates(lc, seed=0, scale=4.0)  # gates that differ per image, standing in for a finetune run's
+    with torch.no_grad():
+        for b in lc.lc_blocks():
+            b.l_net.bias.add_(1.5)  # most blocks kept
+            b.c_net.bias.add_(0.5)
+    gated = root / "gated"
+    gated.mkdir()
+    (gated / "config.json").write_text(json.dumps(FinetuneConfig(model="cifar:resnet20", data=DATA, placement="sequential", out=str(gated)).identity()))
+    torch.save(lc.state_dict(), gated / "model.pt")
+    test = load_arrays(DATA, "test").subset(None)
+    report = lcsurgery.count_macs(lc, ArrayLoader(test, 100, train=False, mean=normalization(plain)[0], std=normalization(plain)[1]), progress=False)
+    assert len(set(report.per_sample.tolist())) > 10
+
+    assert main(["exits", "train", "--run", str(gated), "--data", DATA, "--epochs", "1", "--batch-size", "64", "--held-out", "200", "--out", str(root / "both")]) == 0
+    metrics = json.loads((root / "both" / "metrics.json").read_text())
+    assert metrics["backbone_macs"] == pytest.approx(report.mean) and metrics["exit_accuracy"][-1] == pytest.approx(report.accuracy)
+    top = max(r["budget"] for r in metrics["sweep"])
+    assert top == pytest.approx(report.ratio, abs=0.03)  # the held-out images' cost with no early exit; no budget beyond it
+    budget = max(r["budget"] for r in metrics["sweep"] if r["budget"] < top - 0.05)
+    assert main(["exits", "evaluate", str(root / "both"), "--budget", str(budget)]) == 0
+    result = json.loads((root / "both" / "evaluate.json").read_text())
+    row = next(r for r in metrics["sweep"] if r["budget"] == budget)
+    assert result["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9) and result["mac_fraction"] < report.ratio
+    assert main(["exits", "train", "--run", str(gated), "--checkpoint", str(root / "r20.pt"), "--data", DATA, "--out", str(root / "bad")]) == 2
+    assert "--run brings its own trained weights: drop --checkpoint and --pretrained" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 """Does leaving early become speed? The network with exits under a policy vs the same network
-without them, image by image at batch 1, interleaved in one process.
+without them (gated, if it has gates), image by image at batch 1, interleaved in one process.
 
 Each round runs every image through both, alternating, so machine noise hits both alike. It
 reports the total time of each over the images, the MACs of each, and the translation
-efficiency (time(dense) / time(exits)) / (MACs(dense) / MACs(exits)): 1 when every MAC saved by
-leaving early is time saved. Not a test: numbers depend on the machine and its load.
+efficiency (time(no exits) / time(exits)) / (MACs(no exits) / MACs(exits)): 1 when every MAC
+saved by leaving early is time saved. Not a test: numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lcsurgery.exits.model import ExitModel
+from lcsurgery.macs.dynamic import last_macs
+from lcsurgery.surgery.model import LCModel
 
 
 def time_exits(model: ExitModel, images: Tensor, rounds: int = 3, threads: int = 1, warmup: int = 20) -> dict:
@@ -24,7 +26,8 @@ def time_exits(model: ExitModel, images: Tensor, rounds: int = 3, threads: int =
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     model.eval()
-    dense_s, exit_s, macs = [], [], []
+    gated = isinstance(model.backbone, LCModel)
+    dense_s, exit_s, macs, base = [], [], [], []
     try:
         with torch.inference_mode():
             for x in images[:warmup]:
@@ -41,14 +44,18 @@ def time_exits(model: ExitModel, images: Tensor, rounds: int = 3, threads: int =
                     t2 = time.perf_counter()
                     d, e = d + t1 - t0, e + t2 - t1
                     macs.append(int(model.last_macs[0]))
+                    if gated:
+                        model.backbone(x)  # untimed: this image's own gated cost
+                        base.append(int(last_macs(model.backbone)[0]))
                 dense_s.append(d)
                 exit_s.append(e)
     finally:
         torch.set_num_threads(previous)
     dense_time, exit_time = statistics.median(dense_s), statistics.median(exit_s)
-    dense_macs, exit_macs = model.dense_macs(tuple(images.shape[1:])), statistics.fmean(macs)
+    dense_macs = statistics.fmean(base) if gated else model.dense_macs(tuple(images.shape[1:]))
+    exit_macs = statistics.fmean(macs)
     return {
-        "images": len(images), "rounds": rounds, "threads": threads, "dense_ms_per_image": 1e3 * dense_time / len(images),
+        "images": len(images), "rounds": rounds, "threads": threads, "no_exits_ms_per_image": 1e3 * dense_time / len(images),
         "exits_ms_per_image": 1e3 * exit_time / len(images), "speedup": dense_time / exit_time, "mac_ratio": dense_macs / exit_macs,
-        "efficiency": (dense_time / exit_time) / (dense_macs / exit_macs), "dense_s_per_round": dense_s, "exits_s_per_round": exit_s,
+        "efficiency": (dense_time / exit_time) / (dense_macs / exit_macs), "no_exits_s_per_round": dense_s, "exits_s_per_round": exit_s,
     }  # fmt: skip

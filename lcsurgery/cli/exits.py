@@ -1,7 +1,8 @@
-"""Early exits on a pretrained network: train the heads (backbone frozen), then set a MAC budget at inference.
+"""Early exits on a trained network, gated or not: train the heads (network frozen), then set a MAC budget at inference.
 
 Examples:
   lcsurgery exits train --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 5 --out runs/exits/r20
+  lcsurgery exits train --run runs/tradeoff/sequential-70 --data cifar10.tar.gz --out runs/exits/gated   (exits and gates)
   lcsurgery exits evaluate runs/exits/r20 --budget 0.4
   lcsurgery exits evaluate runs/exits/r20 --max-macs 20000000
   lcsurgery exits figure runs/exits/r20 --tradeoff runs/tradeoff   (the sweep beside per-budget trained runs)
@@ -36,10 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = p.add_subparsers(dest="action", required=True)
     tr = sub.add_parser("train", help="attach exits to a pretrained network and train them, backbone frozen", description=train_exits.__doc__)
-    tr.add_argument("--model", required=True, help=f"model spec: {SPEC_HELP}")
+    tr.add_argument("--model", help=f"model spec: {SPEC_HELP} (with --run: the run's)")
     tr.add_argument("--data", required=True, help="a .tar.gz ImageFolder, cifar10:<dir>, or synthetic")
     tr.add_argument("--checkpoint", help="the trained network's weights (its classifier must fit the data)")
     tr.add_argument("--pretrained", action="store_true", help="the model's published weights (downloads)")
+    tr.add_argument("--run", help="a lcsurgery finetune run folder: exits on its trained network, gates included")
     tr.add_argument("--out", default=DEFAULTS["out"])
     tr.add_argument("--at", nargs="+", default=list(DEFAULTS["at"]), help="'macs' (exits at 15, 30, ..., 90%% of the MACs), MAC fractions, or module names")
     tr.add_argument("--hidden", type=int, default=DEFAULTS["hidden"], help="width of a hidden layer in each head (0: SDN's linear head)")
@@ -74,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
             print(p)
         return 0
     if args.action == "train":
+        if args.run and not args.model:
+            config = Path(args.run) / "config.json"
+            if not config.exists():
+                raise LCSurgeryError(f"{args.run} is not a lcsurgery finetune run folder (no config.json)")
+            args.model = json.loads(config.read_text())["model"]
+        if not args.model:
+            raise LCSurgeryError("give --model (with --checkpoint or --pretrained), or --run")
         fields = {f.name for f in dataclasses.fields(ExitsConfig)}
         cfg = ExitsConfig(**{k: v for k, v in vars(args).items() if k in fields})
         train_exits(cfg)
@@ -134,7 +143,7 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     if latency:
         images = torch.cat([x for x, _ in exit_loaders(cfg, model.backbone, latency)[2]])
         result["latency"] = t = time_exits(model, images)
-        print(f"batch 1, one thread, {len(images)} images: {t['dense_ms_per_image']:.2f} ms without exits, {t['exits_ms_per_image']:.2f} ms with: "
+        print(f"batch 1, one thread, {len(images)} images: {t['no_exits_ms_per_image']:.2f} ms without exits, {t['exits_ms_per_image']:.2f} ms with: "
               f"{t['speedup']:.2f}x faster for {t['mac_ratio']:.2f}x fewer MACs (efficiency {t['efficiency']:.2f})")  # fmt: skip
     (run / "evaluate.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {run / 'evaluate.json'}, {figure_path}")

@@ -5,10 +5,15 @@ With no policy set (the state after ``add_exits``) the model computes exactly wh
 does and runs no head; ``lcsurgery.exits.policy.set_budget`` sets one. Every forward records
 where each image left (``last_exit``) and the MACs it cost (``last_macs``): the segments it ran
 and the heads it evaluated, the same count fvcore gives for the truncated network.
+
+The network may be one converted by ``lcsurgery.convert``: exits then go between its gated
+blocks, and an image's cost is the truncated network's with its own gate decisions (what
+``count_macs`` charges each block) plus the heads it evaluated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Sequence
@@ -21,9 +26,10 @@ from lcsurgery.exits.heads import ExitHead
 from lcsurgery.exits.split import CutPoint, compile_segment, cut_points, segment_graphs
 from lcsurgery.fx.ops import conv_macs, tensor_shape
 from lcsurgery.fx.tracer import training_mode
-from lcsurgery.macs.static import CallModule, fvcore_macs
+from lcsurgery.macs.static import CallModule, fvcore_macs, probing, static_costs
 from lcsurgery.surgery.block import GatedBlock
 from lcsurgery.surgery.convert import resolve_input_size, tensor_kwargs, trace_with_shapes
+from lcsurgery.surgery.model import GATE_PREFIX, LCModel, unwrap
 
 # Shallow-Deep Networks' exit places: these fractions of the network's MACs.
 SDN_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
@@ -36,6 +42,13 @@ class ExitPolicy:
 
     thresholds: tuple[float, ...]
     max_macs: int | None = None
+
+    def forced_exit(self, costs: list[int]) -> int | None:
+        """The exit every image still running leaves at, because going on could pass ``max_macs``
+        (``costs``: ``ExitModel.exit_costs``, the most an image can cost at each exit); None: no cap."""
+        if self.max_macs is None:
+            return None
+        return next((i for i in range(len(costs) - 1) if costs[i + 1] > self.max_macs), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +79,14 @@ class ExitModel(nn.Module):
         self.policy: ExitPolicy | None = None
         self.last_exit: Tensor | None = None
         self.last_macs: Tensor | None = None
-        self._segments = [compile_segment(backbone, g) for g in segment_graphs(graph, cuts)]
-        self._costs: dict[tuple[int, ...], tuple[list[int], int]] = {}  # per input size: exit costs, dense MACs
+        self.last_exit_costs: Tensor | None = None
+        graphs = segment_graphs(graph, cuts)
+        self._segments = [compile_segment(backbone, g) for g in graphs]
+        self._gated = isinstance(backbone, LCModel)
+        # the gated blocks each segment calls, by their index in the converted model
+        order = {f"{GATE_PREFIX}.{key}": j for j, key in enumerate(backbone.lc_gates)} if self._gated else {}
+        self._blocks = [[order[n.target] for n in g.nodes if n.op == "call_module" and n.target in order] for g in graphs]
+        self._costs: dict[tuple, _Costs] = {}  # per input size and placement
         p = next(backbone.parameters(), None)
         if p is not None:
             self.heads.to(p.device, p.dtype)
@@ -82,66 +101,107 @@ class ExitModel(nn.Module):
 
     def exit_costs(self, input_size: tuple[int, ...] | None = None) -> list[int]:
         """MACs of an image that leaves at exit i (segments up to it, heads 0..i), and last the
-        MACs of one that runs to the end with every head evaluated; counted by fvcore once per size."""
-        return self._counts(tuple(input_size or self.input_size))[0]
+        MACs of one that runs to the end with every head evaluated; counted by fvcore once per size.
+        With gates, every gate open: the most an image can cost there (``last_macs`` has its own)."""
+        c = self._counts(tuple(input_size or self.input_size))
+        spent = [sum(c.segments[: i + 1]) + sum(c.heads[: i + 1]) for i in range(self.num_exits)]
+        return [*spent, sum(c.segments) + sum(c.heads)]
+
+    def head_macs(self, input_size: tuple[int, ...] | None = None) -> list[int]:
+        """MACs of each exit head."""
+        return list(self._counts(tuple(input_size or self.input_size)).heads)
 
     def dense_macs(self, input_size: tuple[int, ...] | None = None) -> int:
-        """MACs of the original network (no head run)."""
-        return self._counts(tuple(input_size or self.input_size))[1]
+        """MACs of the original network (no head run, no gate)."""
+        return self._counts(tuple(input_size or self.input_size)).dense
 
-    def _counts(self, size: tuple[int, ...]) -> tuple[list[int], int]:
-        if size not in self._costs:
+    def _counts(self, size: tuple[int, ...]) -> _Costs:
+        placement = self.backbone.placement if self._gated else None
+        if (size, placement) not in self._costs:
             x = torch.zeros(1, *size, **tensor_kwargs(self.backbone))
-            cumulative, heads, total = [], [], 0
-            with training_mode(self, False), torch.no_grad():
+            segments, heads = [], []
+            with training_mode(self, False), torch.no_grad(), probing(self.backbone) if self._gated else contextlib.nullcontext():
                 for i in range(self.num_exits + 1):
-                    total += fvcore_macs(CallModule(lambda t, i=i: self.segment(i, t), self.backbone), (x,))
-                    cumulative.append(total)
+                    segments.append(fvcore_macs(CallModule(lambda t, i=i: self.segment(i, t), self.backbone), (x,)))
                     x = self.segment(i, x)
                     if i < self.num_exits:
                         heads.append(fvcore_macs(self.heads[i], (x,)))
-            costs = [cumulative[i] + sum(heads[: i + 1]) for i in range(self.num_exits)]
-            self._costs[size] = (costs + [cumulative[-1] + sum(heads)], cumulative[-1])
-        return self._costs[size]
+            if self._gated:
+                costs = static_costs(self.backbone, size)
+                full = torch.tensor([b.fixed(placement) + b.channels * b.per_channel(placement) for b in costs.blocks])
+                unit = torch.tensor([b.per_channel(placement) for b in costs.blocks])
+                self._costs[size, placement] = _Costs(segments, heads, costs.dense, full, unit)
+            else:
+                self._costs[size, placement] = _Costs(segments, heads, sum(segments))
+        return self._costs[size, placement]
+
+    def _spent(self, i: int, size: tuple[int, ...], n: int) -> Tensor:
+        """int64 [n]: MACs segment ``i`` cost each image of its latest call: its count with every
+        gate open, less what each image's gates skipped (as ``count_macs`` charges a block)."""
+        c = self._counts(size)
+        spent = torch.full((n,), c.segments[i], dtype=torch.long)
+        blocks = list(self.backbone.lc_blocks()) if self._blocks[i] else []
+        for j in self._blocks[i]:
+            state = blocks[j].last
+            keep = state.keep().cpu().long()
+            active = state.active()
+            paid = c.full[j] if active is None else c.full[j] - (active.shape[1] - active.sum(1).cpu()) * c.unit[j]
+            spent -= c.full[j] - keep * paid
+        return spent
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
-        """Every exit's logits and last the network's own, for the whole batch (training, calibration)."""
-        outs = []
+        """Every exit's logits and last the network's own, for the whole batch (training, calibration).
+        Records ``last_exit_costs`` [B, exits + 1]: what each image would cost leaving at each exit."""
+        outs, spent, size = [], [], tuple(x.shape[1:])
+        heads = self._counts(size).heads
+        total = torch.zeros(len(x), dtype=torch.long)
         for i in range(self.num_exits):
             x = self.segment(i, x)
+            total = total + self._spent(i, size, len(x))
             outs.append(self.heads[i](x))
+            total = total + heads[i]
+            spent.append(total)
         outs.append(self.segment(self.num_exits, x))
+        spent.append(total + self._spent(self.num_exits, size, len(x)))
+        self.last_exit_costs = torch.stack(spent, 1)
         return outs
 
     def forward(self, x: Tensor) -> Tensor:
         if self.policy is None:
-            out = x
+            out, size = x, tuple(x.shape[1:])
+            macs = torch.zeros(len(x), dtype=torch.long)
             for i in range(self.num_exits + 1):
                 out = self.segment(i, out)
-            self._record(torch.full((len(x),), self.num_exits), torch.full((len(x),), self.dense_macs(tuple(x.shape[1:]))))
+                macs += self._spent(i, size, len(x))
+            self._record(torch.full((len(x),), self.num_exits), macs)
             return out
         return self._run_policy(x, self.policy)
 
     def _run_policy(self, x: Tensor, policy: ExitPolicy) -> Tensor:
         """Each image leaves at the first exit the policy accepts; the images that go on are
         gathered into a smaller batch, so later segments run only for them."""
-        costs = self.exit_costs(tuple(x.shape[1:]))
+        size = tuple(x.shape[1:])
+        costs = self.exit_costs(size)
         check_cap(policy.max_macs, costs)
+        forced = policy.forced_exit(costs)
+        heads = self._counts(size).heads
         if len(x) == 1:
-            return self._run_one(x, policy, costs)
+            return self._run_one(x, policy, costs, forced)
         n = len(x)
         exit_of = torch.full((n,), self.num_exits, dtype=torch.long)
+        macs = torch.zeros(n, dtype=torch.long)
         idx = torch.arange(n, device=x.device)
         out: Tensor | None = None
         h = x
         for i in range(self.num_exits):
             h = self.segment(i, h)
             logits = self.heads[i](h)
+            macs[idx.cpu()] += self._spent(i, size, len(h)) + heads[i]
             if out is None:
                 out = logits.new_empty((n, *logits.shape[1:]))
             leave = logits.softmax(1).amax(1) >= policy.thresholds[i]
-            if policy.max_macs is not None and costs[i + 1] > policy.max_macs:
-                leave = torch.ones_like(leave)  # going on would pass the cap: everyone left leaves here
+            if i == forced:
+                leave = torch.ones_like(leave)  # going on could pass the cap: everyone left leaves here
             out[idx[leave]] = logits[leave]
             exit_of[idx[leave].cpu()] = i
             h, idx = h[~leave], idx[~leave]
@@ -149,25 +209,48 @@ class ExitModel(nn.Module):
                 break
         if len(idx):
             out[idx] = self.segment(self.num_exits, h)
-        self._record(exit_of, torch.tensor(costs)[exit_of])
+            macs[idx.cpu()] += self._spent(self.num_exits, size, len(h))
+        self._record(exit_of, macs)
         return out
 
-    def _run_one(self, x: Tensor, policy: ExitPolicy, costs: list[int]) -> Tensor:
+    def _run_one(self, x: Tensor, policy: ExitPolicy, costs: list[int], forced: int | None) -> Tensor:
         """Batch 1: the same decisions with no gathering, so leaving early costs no bookkeeping."""
+        size = tuple(x.shape[1:])
+        spent = 0  # with gates, this image's own cost so far (without, ``costs`` has it)
         for i in range(self.num_exits):
             x = self.segment(i, x)
             logits = self.heads[i](x)
-            if float(logits.softmax(1).amax()) >= policy.thresholds[i] or (policy.max_macs is not None and costs[i + 1] > policy.max_macs):
-                self._record(torch.tensor([i]), torch.tensor([costs[i]]))
+            if self._gated:
+                spent += int(self._spent(i, size, 1)) + self._counts(size).heads[i]
+            if i == forced or float(logits.softmax(1).amax()) >= policy.thresholds[i]:
+                self._record(torch.tensor([i]), torch.tensor([spent if self._gated else costs[i]]))
                 return logits
-        self._record(torch.tensor([self.num_exits]), torch.tensor([costs[-1]]))
-        return self.segment(self.num_exits, x)
+        out = self.segment(self.num_exits, x)
+        if self._gated:
+            spent += int(self._spent(self.num_exits, size, 1))
+        self._record(torch.tensor([self.num_exits]), torch.tensor([spent if self._gated else costs[-1]]))
+        return out
 
     def _record(self, exit_of: Tensor, macs: Tensor) -> None:
         self.last_exit, self.last_macs = exit_of, macs.long()
 
     def extra_repr(self) -> str:
         return f"exits at {', '.join(p.name for p in self.points)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Costs:
+    """MACs per image at one input size: each segment's (every gate open), each head's, the
+    original network's; for a gated backbone, per block, what a kept block with every channel
+    on pays beyond its gates and shortcut (``full``) and what one active channel adds (``unit``)."""
+
+    segments: list[int]
+    heads: list[int]
+    dense: int
+    full: Tensor | None = None
+    unit: Tensor | None = None
+
+
 
 
 def check_cap(max_macs: int | None, costs: list[int]) -> None:
@@ -202,14 +285,12 @@ def add_exits(
         pool: each head pools its feature map to ``pool`` x ``pool`` before its linear layer.
         hidden: width of a hidden layer in each head (0: the linear head of Shallow-Deep Networks).
 
-    With no policy set the result computes exactly what ``model`` does; set one with
+    ``model`` may be converted by ``lcsurgery.convert`` (gated): exits then go between its blocks,
+    named and placed as in the original network. With no policy set the result computes exactly what ``model`` does; set one with
     ``lcsurgery.exits.policy.set_budget``.
     """
-    if any(isinstance(m, GatedBlock) for m in model.modules()):
-        raise LCSurgeryError(
-            "add_exits takes the plain network: exits on a model converted by lcsurgery.convert are not supported yet "
-            "(the MAC accounting of gates and exits together is not written); add exits to the original model"
-        )
+    if not isinstance(model, LCModel) and any(isinstance(m, GatedBlock) for m in model.modules()):
+        unwrap(model)  # a wrapped converted model: says to pass the converted model itself
     root = copy.deepcopy(model)
     graph, size, points, nodes = _analyse(root, input_size, leaf_modules)
     chosen = _choose(points, at)
@@ -222,11 +303,15 @@ def add_exits(
 
 def _analyse(root: nn.Module, input_size: tuple[int, int, int] | None, leaf_modules: Sequence[str | type]) -> tuple[fx.Graph, tuple, list[ExitPoint], list[fx.Node]]:
     size = resolve_input_size(root, input_size)
-    graph = trace_with_shapes(root, leaf_modules, size)
+    own = None
+    if isinstance(root, LCModel):  # its own graph: each gated block one call, every node still knows its original module
+        own = fx.Graph()
+        own.output(own.graph_copy(root.lc_graph_module.graph, {}))
+    graph = trace_with_shapes(root, leaf_modules, size, graph=own)
     cuts: list[CutPoint] = cut_points(graph)
     if not cuts:
         raise LCSurgeryError(f"{type(root).__name__} never narrows to a single feature map, so no exit can be attached")
-    macs = _macs_before(graph, root, [c.node for c in cuts])
+    macs = _macs_before(graph, root, [c.node for c in cuts], size)
     total = macs[-1]
     kept = [
         k for k in range(len(cuts))
@@ -237,13 +322,16 @@ def _analyse(root: nn.Module, input_size: tuple[int, int, int] | None, leaf_modu
     return graph, size, points, [cuts[k].node for k in kept]
 
 
-def _macs_before(graph: fx.Graph, root: nn.Module, cuts: list[fx.Node]) -> list[int]:
-    """Conv and linear MACs spent up to each cut (from the recorded shapes), and last the whole
-    network's: enough to place exits; what an exit costs is counted by fvcore once it is placed."""
+def _macs_before(graph: fx.Graph, root: nn.Module, cuts: list[fx.Node], size: tuple[int, int, int]) -> list[int]:
+    """Conv and linear MACs spent up to each cut (from the recorded shapes; a gated block counts
+    as the original block), and last the whole network's: enough to place exits; what an exit
+    costs is counted by fvcore once it is placed."""
     at = set(cuts)
+    blocks = {f"{GATE_PREFIX}.{key}": b.dense for key, b in zip(root.lc_gates, static_costs(root, size).blocks, strict=True)} if isinstance(root, LCModel) else {}
     totals, total = [], 0
     for n in graph.nodes:
-        total += conv_macs(n, root) if n.op == "call_module" else 0
+        if n.op == "call_module":
+            total += blocks[n.target] if n.target in blocks else conv_macs(n, root)
         if n in at:
             totals.append(total)
     return [*totals, total]

@@ -29,6 +29,7 @@ class ExitScores:
     confidence: Tensor
     prediction: Tensor
     labels: Tensor | None
+    costs: Tensor | None = None  # int64 [N, exits + 1]: each image's MACs leaving at each exit (None: ``exit_costs`` for all)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -37,34 +38,36 @@ class ExitScores:
 def score(model: ExitModel, images: Tensor | Iterable, batch_size: int = 256, progress: bool = True) -> ExitScores:
     """Run every exit on ``images`` (a tensor, or a loader of ``(x, y)`` batches) in eval mode."""
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size)) if isinstance(images, Tensor) else images
-    conf, pred, labels = [], [], []
+    conf, pred, labels, costs = [], [], [], []
     device = next(model.parameters()).device
     with training_mode(model, False), torch.no_grad():
         for item in tqdm(batches, desc="scoring exits", disable=not progress, leave=False):
             x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
             probs = torch.stack([o.float().softmax(1) for o in model.forward_exits(x.to(device))], 1)
             c, p = probs.max(2)
+            costs.append(model.last_exit_costs)
             conf.append(c.cpu())
             pred.append(p.cpu())
             if y is not None:
                 labels.append(y.cpu())
     if not conf:
         raise LCSurgeryError("no images to score the exits on")
-    return ExitScores(torch.cat(conf), torch.cat(pred), torch.cat(labels) if labels else None)
+    return ExitScores(torch.cat(conf), torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs))
 
 
 def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[Tensor, Tensor]:
     """Where each scored image leaves under ``policy`` and the MACs it costs, exactly as
-    ``ExitModel`` runs it (``costs`` from ``ExitModel.exit_costs``)."""
+    ``ExitModel`` runs it (``costs`` from ``ExitModel.exit_costs``; each image's own from
+    ``scores.costs`` where the network has gates)."""
     n, k = len(scores), scores.confidence.shape[1] - 1
     check_cap(policy.max_macs, costs)
     leave = scores.confidence[:, :k] >= torch.tensor(policy.thresholds)
-    if policy.max_macs is not None:
-        over = [i for i in range(k) if costs[i + 1] > policy.max_macs]
-        if over:
-            leave[:, over[0] :] = True
+    forced = policy.forced_exit(costs)
+    if forced is not None:
+        leave[:, forced:] = True
     exit_of = torch.where(leave.any(1), leave.float().argmax(1), torch.full((n,), k))
-    return exit_of, torch.tensor(costs)[exit_of]
+    own = scores.costs if scores.costs is not None else torch.tensor(costs).expand(n, -1)
+    return exit_of, own.gather(1, exit_of[:, None]).squeeze(1)
 
 
 def set_budget(

@@ -131,7 +131,7 @@ def fvcore_macs(module: nn.Module, inputs: tuple, counting: str = "conv_fc") -> 
 
 
 @contextlib.contextmanager
-def _probing(lc: LCModel) -> Iterator[None]:
+def probing(lc: LCModel) -> Iterator[None]:
     """Eval mode, masked execution, no grad; gate records of the latest real forward restored after."""
     saved = [(b, b.last, b.execution) for b in lc.lc_blocks()]
     try:
@@ -198,7 +198,7 @@ def static_costs(model: nn.Module, input_size: tuple[int, int, int], counting: s
     if key not in cache:
         param = next(lc.parameters())
         x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)  # counts do not depend on values
-        with _probing(lc):
+        with probing(lc):
             inputs = _block_inputs(lc, x)
             blocks = [_block_cost(b, inputs[b.name], counting) for b in lc.lc_blocks()]
             total = fvcore_macs(lc, (x,), counting)

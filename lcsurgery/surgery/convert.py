@@ -131,10 +131,12 @@ def _analyse(
     return graph, specs, rejected
 
 
-def trace_with_shapes(root: nn.Module, leaf_modules: Sequence[str | type], input_size: tuple[int, int, int]) -> fx.Graph:
-    """``root``'s fx graph with every node's shape recorded from one example input in eval mode;
-    a model that fails on that input is refused with its own error and what to pass instead."""
-    graph, _ = trace(root, leaf_modules)
+def trace_with_shapes(root: nn.Module, leaf_modules: Sequence[str | type], input_size: tuple[int, int, int], graph: fx.Graph | None = None) -> fx.Graph:
+    """``root``'s fx graph (traced, or ``graph`` as given) with every node's shape recorded from one
+    example input in eval mode; a model that fails on that input is refused with its own error
+    and what to pass instead."""
+    if graph is None:
+        graph, _ = trace(root, leaf_modules)
     example = torch.randn(1, *input_size, **tensor_kwargs(root))
     try:
         with training_mode(root, False), torch.no_grad():

@@ -30,6 +30,7 @@ from lcsurgery.exits.policy import ExitScores, score, simulate, threshold_policy
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.train.distill import distill_loss
+from lcsurgery.train.run_folder import load_run
 
 SWEEP = tuple(round(0.2 + 0.05 * i, 2) for i in range(17))  # 0.20 ... 1.00
 
@@ -41,6 +42,7 @@ class ExitsConfig:
     model: str
     data: str
     checkpoint: str | None = None
+    run: str | None = None  # a ``lcsurgery finetune`` run folder: exits on its trained (gated) network
     pretrained: bool = False
     out: str = "runs/exits"
     at: tuple = ("macs",)  # "macs", MAC fractions, or module names (add_exits' ``at``)
@@ -76,13 +78,21 @@ def _at(cfg: ExitsConfig) -> str | list:
 
 
 def build_exit_model(cfg: ExitsConfig) -> ExitModel:
-    """The pretrained network with heads attached (its classifier must already fit the data: it stays frozen)."""
+    """The trained network with heads attached (its classifier must already fit the data: it stays
+    frozen): the model's checkpoint or published weights, or the gated network of a finetune run."""
     classes = load_arrays(cfg.data, "train").classes
-    model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained)
-    if cfg.checkpoint:
-        load_weights(model, cfg.checkpoint)
-    elif not cfg.pretrained:
-        raise LCSurgeryError("exits train the heads of a trained network and leave it frozen: pass --checkpoint or --pretrained")
+    if cfg.run:
+        if cfg.checkpoint or cfg.pretrained:
+            raise LCSurgeryError("--run brings its own trained weights: drop --checkpoint and --pretrained")
+        model, _, run_classes = load_run(Path(cfg.run))
+        if run_classes != len(classes):
+            raise LCSurgeryError(f"{cfg.run} classifies {run_classes} classes, {cfg.data} has {len(classes)}")
+    else:
+        model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained)
+        if cfg.checkpoint:
+            load_weights(model, cfg.checkpoint)
+        elif not cfg.pretrained:
+            raise LCSurgeryError("exits train the heads of a trained network and leave it frozen: pass --checkpoint, --pretrained or --run")
     size = (3, cfg.size, cfg.size) if cfg.size else None  # None: the model's own, as convert resolves it
     exits = add_exits(model.eval(), _at(cfg), input_size=size, hidden=cfg.hidden)
     for p in exits.backbone.parameters():
@@ -149,7 +159,7 @@ def train_exits(cfg: ExitsConfig) -> dict:
     test_scores = score(model, test)
     metrics = sweep_report(model, held_scores, test_scores)  # the last epoch's scores: the model has not changed since
     metrics["start_accuracy"] = metrics["dense_accuracy"] if teacher is None else _accuracy(teacher, test)
-    metrics.update(model=cfg.model, data=cfg.data, epochs=cfg.epochs, exits=[p.name for p in model.points])
+    metrics.update(model=cfg.model, run=cfg.run, data=cfg.data, epochs=cfg.epochs, exits=[p.name for p in model.points])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "sweep.md").write_text(format_sweep(metrics) + "\n")
     from lcsurgery.viz.figures import exit_sweep_plot, exits_by_class
@@ -223,8 +233,10 @@ def sweep_report(model: ExitModel, held: ExitScores, test: ExitScores, budgets: 
     """Per budget: the policy set on held-out images, its accuracy and cost on the test images."""
     costs, dense = model.exit_costs(), model.dense_macs()
     accs = exit_accuracies(test)
+    # what the network costs with no early exit (under 1 with gates): larger budgets change nothing
+    top = float(simulate(held, costs, ExitPolicy((2.0,) * model.num_exits))[1].double().mean() / dense)
     rows = []
-    for b in budgets:
+    for b in sorted({*(b for b in budgets if b < top), min(top, max(budgets))}):
         try:
             policy = threshold_policy(held, costs, dense, b)
         except LCSurgeryError:
@@ -235,6 +247,8 @@ def sweep_report(model: ExitModel, held: ExitScores, test: ExitScores, budgets: 
         r["drop_points"] = 100 * (base - r["accuracy"])
     return {
         "dense_accuracy": base, "dense_macs": dense, "exit_costs": costs, "exit_fractions": [c / dense for c in costs], "exit_accuracy": accs,
+        "exit_mean_costs": test.costs.double().mean(0).tolist() if test.costs is not None else costs,
+        "backbone_macs": (float(test.costs[:, -1].double().mean()) if test.costs is not None else costs[-1]) - sum(model.head_macs()),
         "test_images": len(test), "held_out_images": len(held), "sweep": rows,
         "best_within_1_point": _cheapest(rows, 1.0), "best_within_3_points": _cheapest(rows, 3.0),
         "worst_budget_error": max((abs(r["mac_fraction"] - r["budget"]) / r["budget"] for r in rows if r["budget"] < 1), default=None),
@@ -251,14 +265,15 @@ def format_sweep(m: dict) -> str:
     lines = [
         "| exit | " + " | ".join(m.get("exits", [str(i) for i in range(len(m["exit_costs"]) - 1)])) + " | own head |",
         "|---|" + "---|" * len(m["exit_costs"]),
-        "| MACs (fraction of dense) | " + " | ".join(f"{f:.3f}" for f in m["exit_fractions"]) + " |",
+        "| MACs (mean, fraction of dense) | " + " | ".join(f"{c / m['dense_macs']:.3f}" for c in m.get("exit_mean_costs", m["exit_costs"])) + " |",
         "| top-1 (test) | " + " | ".join(f"{100 * a:.2f}%" for a in m["exit_accuracy"]) + " |",
         "",
-        f"Without exits: {100 * m['dense_accuracy']:.2f}% at {m['dense_macs'] / 1e6:.2f}M MACs"
+        f"Without exits: {100 * m['dense_accuracy']:.2f}% at {m.get('backbone_macs', m['dense_macs']) / 1e6:.2f}M MACs"
+        + (f" ({m['backbone_macs'] / m['dense_macs']:.3f} of the dense network's {m['dense_macs'] / 1e6:.2f}M)" if m.get("backbone_macs", m["dense_macs"]) < m["dense_macs"] else "")
         + (f" (the network before training: {100 * m['start_accuracy']:.2f}%)" if m.get("start_accuracy", m["dense_accuracy"]) != m["dense_accuracy"] else "")
         + f". Policy set on {m['held_out_images']} held-out training images, measured on {m['test_images']} test images.",
         "",
-        "| MAC budget | threshold | top-1 | vs dense (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit |",
+        "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in m["sweep"]:
@@ -267,7 +282,7 @@ def format_sweep(m: dict) -> str:
     for key, pts in (("best_within_1_point", 1), ("best_within_3_points", 3)):
         best = m.get(key)
         if best:
-            lines.append(f"\nWithin {pts} point{'s' if pts > 1 else ''} of dense: {best['mac_fraction']:.3f} of the MACs ({100 * (1 - best['mac_fraction']):.1f}% saved), top-1 {100 * best['accuracy']:.2f}%.")
+            lines.append(f"\nWithin {pts} point{'s' if pts > 1 else ''} of the network without exits: {best['mac_fraction']:.3f} of the dense MACs, top-1 {100 * best['accuracy']:.2f}%.")
     return "\n".join(lines)
 
 

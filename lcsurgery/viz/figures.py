@@ -223,7 +223,7 @@ def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[di
     dense = metrics["dense_macs"]
     rows = sorted(metrics["sweep"], key=lambda r: r["mac_fraction"])
     ax.plot([_millions(r["mac_fraction"] * dense) for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:red", markersize=4, label="exits, one model, budget knob")
-    xs = [_millions(c) for c in metrics["exit_costs"][:-1]]
+    xs = [_millions(c) for c in metrics.get("exit_mean_costs", metrics["exit_costs"])[:-1]]
     ax.plot(xs, [100 * a for a in metrics["exit_accuracy"][:-1]], "x", color="tab:gray", label="every image at one exit")
     for g in trained or []:
         if g["kind"] in ("static", "dynamic", "torch-pruning") and g.get("recipe", "default") == "default":
@@ -231,7 +231,7 @@ def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[di
             ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker=marker, color=color, linestyle="none", label=f"{label} (trained per budget)")
         elif g["kind"] == "dense":
             ax.plot(_millions(g["mean_macs"]), 100 * g["val_accuracy"], marker="*", markersize=12, markerfacecolor="none", color="black", linestyle="none", label="dense fine-tune (trade-off benchmark)")
-    ax.plot(_millions(dense), 100 * metrics["dense_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="network without exits")
+    ax.plot(_millions(metrics.get("backbone_macs", dense)), 100 * metrics["dense_accuracy"], marker="*", markersize=14, color="black", linestyle="none", label="network without exits")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
