@@ -14,7 +14,7 @@ from zoo import ZOO, ZOO_BY_NAME, example, original, randomize_gates
 import lcsurgery
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitPolicy, add_exits, exit_points
-from lcsurgery.exits.policy import ExitScores, score, set_budget, simulate, threshold_policy
+from lcsurgery.exits.policy import ExitScores, fit_scorer, score, set_budget, simulate, threshold_policy
 from lcsurgery.macs.static import fvcore_macs, static_costs
 from lcsurgery.models.cifar_resnet import resnet20
 
@@ -94,6 +94,23 @@ def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name, gated):
     assert 0 < int((exit_of < e.num_exits).sum()) < len(x), "the test needs images leaving early and going on"
     expected = torch.stack([every[i][n] for n, i in enumerate(exit_of.tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [None, "sequential"])
+def test_engine_runs_a_learned_policy_as_replayed(gated):
+    e = _exits("cifar.resnet20", gated).eval()
+    _randomize_heads(e)
+    x = example("cifar.resnet20", batch=16, seed=1)
+    scores = score(e, x, progress=False)
+    # a learned policy, fitted on labelled scores (exit 0 right on odd images, the network's head on even ones), run by the engine as replayed
+    scores.labels = torch.where(torch.arange(len(x)) % 2 == 1, scores.prediction[:, 0], scores.prediction[:, -1])
+    scorer = fit_scorer(scores)
+    first = ExitPolicy((0.0,) * e.num_exits, None, scorer).scores(0, scores.features[:, 0]).sort().values
+    e.policy = ExitPolicy(((float(first[7]) + float(first[8])) / 2,) * e.num_exits, None, scorer)  # half leave at the first exit
+    with torch.no_grad():
+        e(x)
+    exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
+    assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs) and int((exit_of == 0).sum()) == 8
 
 
 GATED = ["cifar.resnet20", "tv.resnet50", "tv.mobilenet_v2", "tv.convnext_tiny", "timm.seresnext26d_32x4d", "timm.efficientnet_b0"]
@@ -189,6 +206,31 @@ def test_threshold_policy_is_the_largest_mean_cost_within_the_budget():
         assert mean[policy.thresholds[0]] == best
     with pytest.raises(LCSurgeryError, match="below what the exits can reach: every image leaving at the first exit costs 0.100"):
         threshold_policy(scores, costs, dense, 0.05)
+
+
+def test_a_learned_policy_reads_what_confidence_misses():
+    """Exits whose correctness shows in the margin, not the confidence: at the same budget the
+    learned rule sends the right images out early and keeps more of the network's accuracy."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 4000, 3
+    features = torch.rand(n, k + 1, 3, generator=g)
+    labels = torch.zeros(n, dtype=torch.long)
+    right = features[:, :, 1] > 0.5  # an exit is right exactly where its margin is large
+    right[:, -1] = True
+    prediction = torch.where(right, labels[:, None], torch.ones_like(right, dtype=torch.long))
+    scores = ExitScores(features[:, :, 0], prediction, labels, None, features)
+    costs, dense = [20, 45, 70, 101], 100
+    conf = threshold_policy(scores, costs, dense, 0.5)
+    learned = threshold_policy(scores, costs, dense, 0.5, scorer=fit_scorer(scores))
+
+    def accuracy(policy):
+        exit_of, macs = simulate(scores, costs, policy)
+        assert macs.double().mean() <= 50
+        return float((prediction.gather(1, exit_of[:, None]).squeeze(1) == labels).double().mean())
+
+    assert accuracy(learned) > accuracy(conf) + 0.2
+    with pytest.raises(LCSurgeryError, match="rule must be one of confidence, learned, got 'oracle'"):
+        set_budget(add_exits(resnet20().eval()), 0.5, calibration=scores, rule="oracle")
 
 
 def test_set_budget_without_a_cap_at_full_budget_is_the_plain_network():

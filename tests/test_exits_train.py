@@ -52,6 +52,9 @@ def test_the_sweep_meets_each_budget_on_held_out_images_and_costs_more_as_it_gro
     fractions = [r["mac_fraction"] for r in sorted(rows, key=lambda r: r["budget"])]
     assert fractions == sorted(fractions)
     assert all(abs(sum(r["exit_shares"]) - 1) < 1e-6 for r in rows)
+    learned = metrics["learned"]["sweep"]
+    assert [r["budget"] for r in learned] == [r["budget"] for r in rows[-len(learned) :]]
+    assert all(r["held_out_fraction"] <= r["budget"] + 1e-9 for r in learned) and len(metrics["learned"]["scorer"]) == len(metrics["exits"])
 
 
 def test_evaluate_runs_the_engine_to_the_sweeps_numbers_and_holds_the_cap(run, capsys):
@@ -63,6 +66,10 @@ def test_evaluate_runs_the_engine_to_the_sweeps_numbers_and_holds_the_cap(run, c
     assert result["threshold"] == row["threshold"]
     assert result["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9)
     assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1.5 / 200)  # the engine's batches differ; a tie may flip one image
+    assert main(["exits", "evaluate", str(folder), "--budget", "0.5", "--policy", "learned"]) == 0
+    learned = json.loads((folder / "evaluate.json").read_text())
+    row = next(r for r in metrics["learned"]["sweep"] if r["budget"] == 0.5)
+    assert learned["policy"] == "learned" and learned["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9)
     cap = metrics["exit_costs"][2]
     assert main(["exits", "evaluate", str(folder), "--max-macs", str(cap), ]) == 0
     capped = json.loads((folder / "evaluate.json").read_text())
@@ -125,3 +132,15 @@ def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_t
     assert result["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9) and result["mac_fraction"] < report.ratio
     assert main(["exits", "train", "--run", str(gated), "--checkpoint", str(root / "r20.pt"), "--data", DATA, "--out", str(root / "bad")]) == 2
     assert "--run brings its own trained weights: drop --checkpoint and --pretrained" in capsys.readouterr().err
+
+
+def test_sweep_rescores_a_run_to_the_same_numbers(run, tmp_path):
+    root, metrics = run
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("config.json", "model.pt", "metrics.json"):
+        (folder / name).write_bytes((root / "run" / name).read_bytes())
+    assert main(["exits", "sweep", str(folder)]) == 0
+    again = json.loads((folder / "metrics.json").read_text())
+    assert [(r["budget"], r["threshold"], r["accuracy"]) for r in again["sweep"]] == [(r["budget"], r["threshold"], r["accuracy"]) for r in metrics["sweep"]]
+    assert (folder / "sweep.png").exists() and (folder / "sweep.md").read_text().count("| MAC budget |") == 2

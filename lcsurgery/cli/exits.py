@@ -5,6 +5,8 @@ Examples:
   lcsurgery exits train --run runs/tradeoff/sequential-70 --data cifar10.tar.gz --out runs/exits/gated   (exits and gates)
   lcsurgery exits evaluate runs/exits/r20 --budget 0.4
   lcsurgery exits evaluate runs/exits/r20 --max-macs 20000000
+  lcsurgery exits evaluate runs/exits/r20 --budget 0.5 --policy learned   (Bolukbasi et al.'s learned exit decision)
+  lcsurgery exits sweep runs/exits/r20      (rescore and rewrite the sweep, both policy rules)
   lcsurgery exits figure runs/exits/r20 --tradeoff runs/tradeoff   (the sweep beside per-budget trained runs)
   lcsurgery exits points --model cifar:resnet20     (where exits can go, and the MACs before each)
 
@@ -26,9 +28,9 @@ import torch
 from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
-from lcsurgery.exits.policy import set_budget
+from lcsurgery.exits.policy import RULES, set_budget
 from lcsurgery.models.factory import SPEC_HELP, create_model
-from lcsurgery.train.exits import ExitsConfig, exit_loaders, load_exit_run, train_exits
+from lcsurgery.train.exits import ExitsConfig, exit_loaders, load_exit_run, sweep_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
 
@@ -59,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--max-macs", type=int, help="no image may cost more MACs than this")
     ev.add_argument("--test-subset", type=int, help="test images to run (class-balanced; default all)")
     ev.add_argument("--latency", type=int, metavar="N", help="also time N test images at batch 1 on the CPU, with and without exits (one thread)")
+    ev.add_argument("--policy", choices=RULES, default="confidence", help="threshold each head's confidence, or a learned exit-or-go-on score (fitted on the held-out images)")
+    sw = sub.add_parser("sweep", help="score a run's held-out and test images again and rewrite its sweep (both policy rules)")
+    sw.add_argument("run", help="an exits run folder")
     fg = sub.add_parser("figure", help="redraw a run's sweep, beside the separately trained points of a bench tradeoff folder")
     fg.add_argument("run", help="an exits run folder")
     fg.add_argument("--tradeoff", help="a bench tradeoff folder (its results.json): static, Torch-Pruning and gated runs per budget")
@@ -87,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = ExitsConfig(**{k: v for k, v in vars(args).items() if k in fields})
         train_exits(cfg)
         return 0
+    if args.action == "sweep":
+        sweep_run(Path(args.run))
+        return 0
     if args.action == "figure":
         return figure(Path(args.run), Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None)
-    return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset, args.latency)
+    return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset, args.latency, args.policy)
 
 
 def figure(run: Path, tradeoff: Path | None, out: Path | None) -> int:
@@ -110,14 +118,14 @@ def figure(run: Path, tradeoff: Path | None, out: Path | None) -> int:
     return 0
 
 
-def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset: int | None, latency: int | None = None) -> int:
+def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset: int | None, latency: int | None = None, rule: str = "confidence") -> int:
     """Set the policy on the run's held-out images, then run the test images through the engine."""
     if budget is None and max_macs is None:
         raise LCSurgeryError("give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both")
     model, cfg = load_exit_run(run)
     _, held, test_loader = exit_loaders(cfg, model.backbone, test_subset)
     test = test_loader.data
-    policy = set_budget(model, budget, calibration=held, max_macs=max_macs)
+    policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule)
     correct, macs, exits, labels = 0, [], [], []
     with torch.no_grad():
         for x, y in test_loader:
@@ -133,7 +141,7 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     figure_path = exits_by_class(exits_t, torch.cat(labels), test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
     dense = model.dense_macs()
     result = {
-        "budget": budget, "max_macs": max_macs, "threshold": policy.thresholds[0] if policy else None, "accuracy": correct / len(macs_t),
+        "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None, "accuracy": correct / len(macs_t),
         "mac_fraction": float(macs_t.double().mean() / dense), "max_macs_seen": int(macs_t.max()), "dense_macs": dense,
         "exit_shares": torch.bincount(exits_t, minlength=model.num_exits + 1).div(len(exits_t)).tolist(), "test_images": len(macs_t),
     }  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,13 +36,32 @@ from lcsurgery.surgery.model import GATE_PREFIX, LCModel, unwrap
 SDN_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 
 
+def exit_features(logits: Tensor) -> Tensor:
+    """[B, 3] what a learned policy reads from a head's output: the top softmax probability, its
+    margin over the second, and the entropy over its maximum (log of the number of classes)."""
+    probs = logits.float().softmax(1)
+    top2 = probs.topk(2, dim=1).values
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+    return torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExitPolicy:
-    """Where images leave: at exit i when the head's top softmax probability reaches
-    ``thresholds[i]``, or at the last exit that keeps the image within ``max_macs``."""
+    """Where images leave: at exit i when its score reaches ``thresholds[i]``, or at the last exit
+    that keeps the image within ``max_macs``. The score is the head's top softmax probability, or
+    with a ``scorer`` (one row of weights per exit, over ``exit_features`` and a bias) the learned
+    probability that leaving there loses nothing against the network's own head."""
 
     thresholds: tuple[float, ...]
     max_macs: int | None = None
+    scorer: tuple[tuple[float, ...], ...] | None = None
+
+    def scores(self, i: int, features: Tensor) -> Tensor:
+        """[B] exit ``i``'s score from its ``exit_features``."""
+        if self.scorer is None:
+            return features[:, 0]
+        w = torch.tensor(self.scorer[i], dtype=features.dtype, device=features.device)
+        return torch.sigmoid(features @ w[:-1] + w[-1])
 
     def forced_exit(self, costs: list[int]) -> int | None:
         """The exit every image still running leaves at, because going on could pass ``max_macs``
@@ -199,7 +219,7 @@ class ExitModel(nn.Module):
             macs[idx.cpu()] += self._spent(i, size, len(h)) + heads[i]
             if out is None:
                 out = logits.new_empty((n, *logits.shape[1:]))
-            leave = logits.softmax(1).amax(1) >= policy.thresholds[i]
+            leave = policy.scores(i, exit_features(logits)) >= policy.thresholds[i]
             if i == forced:
                 leave = torch.ones_like(leave)  # going on could pass the cap: everyone left leaves here
             out[idx[leave]] = logits[leave]
@@ -222,7 +242,7 @@ class ExitModel(nn.Module):
             logits = self.heads[i](x)
             if self._gated:
                 spent += int(self._spent(i, size, 1)) + self._counts(size).heads[i]
-            if i == forced or float(logits.softmax(1).amax()) >= policy.thresholds[i]:
+            if i == forced or float(policy.scores(i, exit_features(logits))[0]) >= policy.thresholds[i]:
                 self._record(torch.tensor([i]), torch.tensor([spent if self._gated else costs[i]]))
                 return logits
         out = self.segment(self.num_exits, x)

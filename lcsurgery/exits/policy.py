@@ -1,7 +1,10 @@
 """The exit policy: where each image leaves, set for a MAC budget at deployment, without retraining.
 
 ``set_budget`` scores held-out images once at every exit, then picks the confidence threshold
-(one for all exits, Shallow-Deep Networks' rule) whose mean cost on them meets the budget;
+(one for all exits, Shallow-Deep Networks' rule) whose mean cost on them meets the budget, or with
+``rule="learned"`` first learns, per exit, how likely leaving there is to lose nothing against the
+network's own head (Bolukbasi et al.'s exit-or-go-on classifier, on the head's confidence, margin
+and entropy) and thresholds that;
 ``max_macs`` caps every image's cost (DDI's halting: an image that would pass the cap leaves at
 the last exit within it). ``simulate`` replays a policy on stored scores exactly as
 ``ExitModel``'s forward would run it, so one scoring pass serves a whole sweep of budgets.
@@ -17,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.exits.model import ExitModel, ExitPolicy, check_cap
+from lcsurgery.exits.model import ExitModel, ExitPolicy, check_cap, exit_features
 from lcsurgery.fx.tracer import training_mode
 
 
@@ -30,6 +33,7 @@ class ExitScores:
     prediction: Tensor
     labels: Tensor | None
     costs: Tensor | None = None  # int64 [N, exits + 1]: each image's MACs leaving at each exit (None: ``exit_costs`` for all)
+    features: Tensor | None = None  # [N, exits + 1, 3]: ``exit_features`` of every head (None: the confidence alone)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -38,21 +42,21 @@ class ExitScores:
 def score(model: ExitModel, images: Tensor | Iterable, batch_size: int = 256, progress: bool = True) -> ExitScores:
     """Run every exit on ``images`` (a tensor, or a loader of ``(x, y)`` batches) in eval mode."""
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size)) if isinstance(images, Tensor) else images
-    conf, pred, labels, costs = [], [], [], []
+    feats, pred, labels, costs = [], [], [], []
     device = next(model.parameters()).device
     with training_mode(model, False), torch.no_grad():
         for item in tqdm(batches, desc="scoring exits", disable=not progress, leave=False):
             x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
-            probs = torch.stack([o.float().softmax(1) for o in model.forward_exits(x.to(device))], 1)
-            c, p = probs.max(2)
+            outs = model.forward_exits(x.to(device))
+            feats.append(torch.stack([exit_features(o) for o in outs], 1).cpu())
+            pred.append(torch.stack([o.argmax(1) for o in outs], 1).cpu())
             costs.append(model.last_exit_costs)
-            conf.append(c.cpu())
-            pred.append(p.cpu())
             if y is not None:
                 labels.append(y.cpu())
-    if not conf:
+    if not feats:
         raise LCSurgeryError("no images to score the exits on")
-    return ExitScores(torch.cat(conf), torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs))
+    features = torch.cat(feats)
+    return ExitScores(features[:, :, 0], torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs), features)
 
 
 def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[Tensor, Tensor]:
@@ -61,7 +65,7 @@ def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[
     ``scores.costs`` where the network has gates)."""
     n, k = len(scores), scores.confidence.shape[1] - 1
     check_cap(policy.max_macs, costs)
-    leave = scores.confidence[:, :k] >= torch.tensor(policy.thresholds)
+    leave = _scores(scores, policy) >= torch.tensor(policy.thresholds)
     forced = policy.forced_exit(costs)
     if forced is not None:
         leave[:, forced:] = True
@@ -70,17 +74,61 @@ def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[
     return exit_of, own.gather(1, exit_of[:, None]).squeeze(1)
 
 
+def _scores(scores: ExitScores, policy: ExitPolicy) -> Tensor:
+    """[N, exits] every early exit's score under ``policy``, as the engine computes it."""
+    k = scores.confidence.shape[1] - 1
+    if policy.scorer is None:
+        return scores.confidence[:, :k]
+    if scores.features is None:
+        raise LCSurgeryError("a learned policy needs the scores' features: score the images with lcsurgery.exits.policy.score")
+    return torch.stack([policy.scores(i, scores.features[:, i]) for i in range(k)], 1)
+
+
+RULES = ("confidence", "learned")
+
+
+def fit_scorer(scores: ExitScores, steps: int = 200) -> tuple[tuple[float, ...], ...]:
+    """Per early exit, a logistic regression on its ``exit_features`` that predicts whether leaving
+    there loses nothing against the network's own head (the exit is right, or the head is wrong
+    too): Bolukbasi et al.'s exit-or-go-on decision, learned on labelled held-out images."""
+    if scores.labels is None or scores.features is None:
+        raise LCSurgeryError("learning an exit policy needs labelled images scored by lcsurgery.exits.policy.score")
+    k = scores.confidence.shape[1] - 1
+    right = scores.prediction == scores.labels[:, None]
+    rows = []
+    for i in range(k):
+        x = scores.features[:, i].double()
+        target = (right[:, i] | ~right[:, -1]).double()
+        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def loss() -> Tensor:
+            opt.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(x @ w[:-1] + w[-1], target) + 1e-4 * w[:-1].pow(2).sum()
+            value.backward()
+            return value
+
+        opt.step(loss)
+        rows.append(tuple(float(v) for v in w.detach()))
+    return tuple(rows)
+
+
 def set_budget(
     model: ExitModel,
     mac_fraction: float | None = None,
     *,
     calibration: Tensor | Iterable | ExitScores,
     max_macs: int | None = None,
+    rule: str = "confidence",
 ) -> ExitPolicy | None:
     """Set (and return) the policy whose mean MACs on the ``calibration`` images (held-out
     training images, never the test set; or their ``score``) are the largest within
     ``mac_fraction`` of the dense network's, and that never spends more than ``max_macs`` MACs
-    per image. ``mac_fraction`` None or >= 1 with no cap removes the policy: the dense network."""
+    per image. ``rule``: threshold each head's confidence (``"confidence"``), or a learned score
+    (``"learned"``, fitted on the calibration images, which must then carry labels).
+    ``mac_fraction`` None or >= 1 with no cap removes the policy: the dense network."""
+    if rule not in RULES:
+        raise LCSurgeryError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     if mac_fraction is not None and mac_fraction <= 0:
         raise LCSurgeryError(f"mac_fraction must be positive, got {mac_fraction}")
     costs, dense = model.exit_costs(), model.dense_macs()
@@ -89,19 +137,23 @@ def set_budget(
         return None
     check_cap(max_macs, costs)
     scores = calibration if isinstance(calibration, ExitScores) else score(model, calibration)
-    model.policy = threshold_policy(scores, costs, dense, mac_fraction, max_macs)
+    model.policy = threshold_policy(scores, costs, dense, mac_fraction, max_macs, fit_scorer(scores) if rule == "learned" else None)
     return model.policy
 
 
-def threshold_policy(scores: ExitScores, costs: list[int], dense: int, mac_fraction: float | None, max_macs: int | None = None) -> ExitPolicy:
-    """The shared confidence threshold whose mean cost on ``scores`` is the largest within the budget."""
+def threshold_policy(
+    scores: ExitScores, costs: list[int], dense: int, mac_fraction: float | None, max_macs: int | None = None, scorer: tuple | None = None
+) -> ExitPolicy:
+    """The shared threshold on the exits' scores (confidence, or ``scorer``'s) whose mean cost on
+    ``scores`` is the largest within the budget."""
     k = scores.confidence.shape[1] - 1
     target = float("inf") if mac_fraction is None else mac_fraction * dense
 
     def mean_cost(t: float) -> float:
-        return float(simulate(scores, costs, ExitPolicy((t,) * k, max_macs))[1].double().mean())
+        return float(simulate(scores, costs, ExitPolicy((t,) * k, max_macs, scorer))[1].double().mean())
 
-    candidates = torch.cat([scores.confidence[:, :k].flatten().unique(), torch.tensor([2.0])])  # 2.0: nobody leaves early
+    values = _scores(scores, ExitPolicy((0.0,) * k, None, scorer))
+    candidates = torch.cat([values.flatten().unique(), torch.tensor([2.0])])  # 2.0: nobody leaves early
     if mean_cost(float(candidates[0])) > target:
         cheapest = mean_cost(float(candidates[0])) / dense
         raise LCSurgeryError(f"a MAC budget of {mac_fraction} is below what the exits can reach: every image leaving at the first exit costs {cheapest:.3f} of dense")
@@ -112,4 +164,4 @@ def threshold_policy(scores: ExitScores, costs: list[int], dense: int, mac_fract
             lo = mid
         else:
             hi = mid - 1
-    return ExitPolicy((float(candidates[lo]),) * k, max_macs)
+    return ExitPolicy((float(candidates[lo]),) * k, max_macs, scorer)

@@ -26,7 +26,7 @@ from lcsurgery.data.loaders import ArrayLoader, normalization
 from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits
-from lcsurgery.exits.policy import ExitScores, score, simulate, threshold_policy
+from lcsurgery.exits.policy import ExitScores, fit_scorer, score, simulate, threshold_policy
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.train.distill import distill_loss
@@ -156,19 +156,35 @@ def train_exits(cfg: ExitsConfig) -> dict:
             f.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1}: held-out accuracy per exit {' '.join(f'{a:.3f}' for a in accs)}")
     torch.save(model.state_dict(), out / "model.pt")
-    test_scores = score(model, test)
-    metrics = sweep_report(model, held_scores, test_scores)  # the last epoch's scores: the model has not changed since
-    metrics["start_accuracy"] = metrics["dense_accuracy"] if teacher is None else _accuracy(teacher, test)
+    start = None if teacher is None else _accuracy(teacher, test)
+    return write_sweep(model, cfg, held_scores, score(model, test), test.data.classes, start)  # the last epoch's held-out scores: the model has not changed since
+
+
+def sweep_run(run: Path) -> dict:
+    """Score a finished run's held-out and test images again and rewrite its sweep (metrics.json,
+    sweep.md, sweep.png): for runs made before a policy rule existed, or after a change of accounting."""
+    model, cfg = load_exit_run(run)
+    cfg = dataclasses.replace(cfg, out=str(run))
+    _, held, test = exit_loaders(cfg, model.backbone, cfg.test_subset)
+    old = json.loads((Path(run) / "metrics.json").read_text()) if (Path(run) / "metrics.json").exists() else {}
+    return write_sweep(model, cfg, score(model, held), score(model, test), test.data.classes, old.get("start_accuracy"))
+
+
+def write_sweep(model: ExitModel, cfg: ExitsConfig, held: ExitScores, test: ExitScores, classes: list[str], start_accuracy: float | None) -> dict:
+    """The sweep of both policy rules into the run folder, with its figures; returns the metrics."""
+    out = Path(cfg.out)
+    metrics = sweep_report(model, held, test)
+    metrics["start_accuracy"] = start_accuracy if start_accuracy is not None else metrics["dense_accuracy"]
     metrics.update(model=cfg.model, run=cfg.run, data=cfg.data, epochs=cfg.epochs, exits=[p.name for p in model.points])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "sweep.md").write_text(format_sweep(metrics) + "\n")
     from lcsurgery.viz.figures import exit_sweep_plot, exits_by_class
 
-    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of {'training' if teacher else 'head training'}")
+    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of {'training' if cfg.train_backbone else 'head training'}")
     half = next((r for r in metrics["sweep"] if r["budget"] == 0.5), None)
     if half is not None:
-        exit_of, _ = simulate(test_scores, model.exit_costs(), ExitPolicy((half["threshold"],) * model.num_exits))
-        exits_by_class(exit_of, test_scores.labels, test.data.classes, [*metrics["exits"], "own head"], out / "exits_by_class.png", title="where each class leaves at half the MACs")
+        exit_of, _ = simulate(test, model.exit_costs(), ExitPolicy((half["threshold"],) * model.num_exits))
+        exits_by_class(exit_of, test.labels, classes, [*metrics["exits"], "own head"], out / "exits_by_class.png", title="where each class leaves at half the MACs")
     print(format_sweep(metrics))
     return metrics
 
@@ -230,27 +246,40 @@ def policy_row(model: ExitModel, test: ExitScores, policy: ExitPolicy) -> dict:
 
 
 def sweep_report(model: ExitModel, held: ExitScores, test: ExitScores, budgets: tuple[float, ...] = SWEEP) -> dict:
-    """Per budget: the policy set on held-out images, its accuracy and cost on the test images."""
+    """Per budget: the policy set on held-out images, its accuracy and cost on the test images;
+    under the confidence rule (``sweep``) and the learned one (``learned``, fitted on the same
+    held-out images)."""
     costs, dense = model.exit_costs(), model.dense_macs()
     accs = exit_accuracies(test)
     # what the network costs with no early exit (under 1 with gates): larger budgets change nothing
     top = float(simulate(held, costs, ExitPolicy((2.0,) * model.num_exits))[1].double().mean() / dense)
-    rows = []
-    for b in sorted({*(b for b in budgets if b < top), min(top, max(budgets))}):
-        try:
-            policy = threshold_policy(held, costs, dense, b)
-        except LCSurgeryError:
-            continue  # below the cheapest policy
-        rows.append({"budget": b, "held_out_fraction": float(simulate(held, costs, policy)[1].double().mean() / dense), **policy_row(model, test, policy)})
-    base = accs[-1]
-    for r in rows:
-        r["drop_points"] = 100 * (base - r["accuracy"])
-    return {
-        "dense_accuracy": base, "dense_macs": dense, "exit_costs": costs, "exit_fractions": [c / dense for c in costs], "exit_accuracy": accs,
+    chosen = sorted({*(b for b in budgets if b < top), min(top, max(budgets))})
+    report = {
+        "dense_accuracy": accs[-1], "dense_macs": dense, "exit_costs": costs, "exit_fractions": [c / dense for c in costs], "exit_accuracy": accs,
         "exit_mean_costs": test.costs.double().mean(0).tolist() if test.costs is not None else costs,
         "backbone_macs": (float(test.costs[:, -1].double().mean()) if test.costs is not None else costs[-1]) - sum(model.head_macs()),
-        "test_images": len(test), "held_out_images": len(held), "sweep": rows,
-        "best_within_1_point": _cheapest(rows, 1.0), "best_within_3_points": _cheapest(rows, 3.0),
+        "test_images": len(test), "held_out_images": len(held),
+    }  # fmt: skip
+    report.update(_sweep(model, held, test, chosen, None))
+    if held.labels is not None and held.features is not None:
+        scorer = fit_scorer(held)
+        report["learned"] = {"scorer": scorer, **_sweep(model, held, test, chosen, scorer)}
+    return report
+
+
+def _sweep(model: ExitModel, held: ExitScores, test: ExitScores, budgets: list[float], scorer: tuple | None) -> dict:
+    costs, dense = model.exit_costs(), model.dense_macs()
+    base = exit_accuracies(test)[-1]
+    rows = []
+    for b in budgets:
+        try:
+            policy = threshold_policy(held, costs, dense, b, scorer=scorer)
+        except LCSurgeryError:
+            continue  # below the cheapest policy
+        row = {"budget": b, "held_out_fraction": float(simulate(held, costs, policy)[1].double().mean() / dense), **policy_row(model, test, policy)}
+        rows.append({**row, "drop_points": 100 * (base - row["accuracy"])})
+    return {
+        "sweep": rows, "best_within_1_point": _cheapest(rows, 1.0), "best_within_3_points": _cheapest(rows, 3.0),
         "worst_budget_error": max((abs(r["mac_fraction"] - r["budget"]) / r["budget"] for r in rows if r["budget"] < 1), default=None),
     }  # fmt: skip
 
@@ -273,6 +302,17 @@ def format_sweep(m: dict) -> str:
         + (f" (the network before training: {100 * m['start_accuracy']:.2f}%)" if m.get("start_accuracy", m["dense_accuracy"]) != m["dense_accuracy"] else "")
         + f". Policy set on {m['held_out_images']} held-out training images, measured on {m['test_images']} test images.",
         "",
+        "Confidence rule (one threshold on every head's top softmax probability):",
+        "",
+        *_sweep_table(m),
+    ]
+    if "learned" in m:
+        lines += ["", "Learned rule (per exit, a classifier of whether leaving there loses nothing, fitted on the same held-out images):", "", *_sweep_table(m["learned"])]
+    return "\n".join(lines)
+
+
+def _sweep_table(m: dict) -> list[str]:
+    lines = [
         "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -283,7 +323,7 @@ def format_sweep(m: dict) -> str:
         best = m.get(key)
         if best:
             lines.append(f"\nWithin {pts} point{'s' if pts > 1 else ''} of the network without exits: {best['mac_fraction']:.3f} of the dense MACs, top-1 {100 * best['accuracy']:.2f}%.")
-    return "\n".join(lines)
+    return lines
 
 
 def load_exit_run(run: Path) -> tuple[ExitModel, ExitsConfig]:

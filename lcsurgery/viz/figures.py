@@ -223,6 +223,9 @@ def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[di
     dense = metrics["dense_macs"]
     rows = sorted(metrics["sweep"], key=lambda r: r["mac_fraction"])
     ax.plot([_millions(r["mac_fraction"] * dense) for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:red", markersize=4, label="exits, one model, budget knob")
+    if "learned" in metrics:
+        learned = sorted(metrics["learned"]["sweep"], key=lambda r: r["mac_fraction"])
+        ax.plot([_millions(r["mac_fraction"] * dense) for r in learned], [100 * r["accuracy"] for r in learned], "s--", color="tab:orange", markersize=3, label="same, learned exit policy")
     xs = [_millions(c) for c in metrics.get("exit_mean_costs", metrics["exit_costs"])[:-1]]
     ax.plot(xs, [100 * a for a in metrics["exit_accuracy"][:-1]], "x", color="tab:gray", label="every image at one exit")
     for g in trained or []:
