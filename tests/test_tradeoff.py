@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lcsurgery.bench import tradeoff
 from lcsurgery.errors import LCSurgeryError
@@ -75,3 +76,25 @@ def test_a_finished_run_made_with_other_options_is_not_reused(tmp_path):
         _finished(dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, lr=0.5) if r.name == "parallel-50" else r.cfg), 0.8, 0.5, 1)
     with pytest.raises(LCSurgeryError, match=r"parallel-50 holds a run made with other options \(lr: 0.5 -> 0.03\)"):
         tradeoff.run(base, [0.5], tmp_path, train=False, baselines=())
+
+
+def test_recipe_budgets_limit_the_recipe_rows_to_those_budgets(tmp_path):
+    runs = [r.name for r in tradeoff.plan(FinetuneConfig(model=TINY), [0.7, 0.5], tmp_path, recipes=("std",), recipe_budgets=[0.5])]
+    assert runs == ["dense", "static-sequential-70", "sequential-70", "parallel-70", "static-sequential-50", "sequential-50", "parallel-50", "std-sequential-50"]
+
+
+def test_runs_trained_in_parallel_processes_match_runs_trained_in_this_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(tradeoff.os, "cpu_count", lambda: 2)  # so each of the two workers takes one thread, as this process does
+    base = FinetuneConfig(model=TINY, data="synthetic:200", test_subset=40, batch_size=40, epochs=1, teacher="dense")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tradeoff.run(base, [0.5], tmp_path / "one", jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    tradeoff.run(base, [0.5], tmp_path / "two", jobs=2)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("one", "two"))
+    assert [r["run"] for r in two] == ["dense", "static-sequential-50", "sequential-50", "parallel-50"]
+    for a, b in zip(one, two, strict=True):
+        assert (a["val_accuracy"], a["mean_macs"]) == (b["val_accuracy"], b["mean_macs"]), a["run"]
+    assert "epoch 1: val accuracy" in (tmp_path / "two" / "sequential-50" / "train.log").read_text()

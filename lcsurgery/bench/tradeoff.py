@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.train.config import FinetuneConfig
@@ -51,11 +56,18 @@ class Planned:
 
 
 def plan(
-    base: FinetuneConfig, budgets: list[float], out: Path, seeds: list[int] = (0,), baselines: tuple[str, ...] = ("static",), recipes: tuple[str, ...] = ()
+    base: FinetuneConfig,
+    budgets: list[float],
+    out: Path,
+    seeds: list[int] = (0,),
+    baselines: tuple[str, ...] = ("static",),
+    recipes: tuple[str, ...] = (),
+    recipe_budgets: list[float] | None = None,
 ) -> list[Planned]:
     """The dense run first (never distilled, seed 0), then per seed and budget the baselines, the
-    dynamic runs of both placements and one sequential run per recipe; ``teacher="dense"`` makes
-    every other run distil from the benchmark's own dense run."""
+    dynamic runs of both placements and one sequential run per recipe (at ``recipe_budgets`` only,
+    default every budget); ``teacher="dense"`` makes every other run distil from the benchmark's
+    own dense run."""
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise LCSurgeryError(f"unknown baselines {sorted(unknown)}: choose from {', '.join(BASELINES)}")
@@ -77,7 +89,7 @@ def plan(
                 runs.append(Planned(f"torch-pruning-{pct}{suffix}", "torch-pruning", seed, dataclasses.replace(base, prune="torch-pruning", placement="sequential", static=False, per_image_loss="none", **common)))
             for placement in ("sequential", "parallel"):
                 runs.append(Planned(f"{placement}-{pct}{suffix}", "dynamic", seed, dataclasses.replace(base, placement=placement, **common)))
-            for recipe in recipes:
+            for recipe in recipes if recipe_budgets is None or b in recipe_budgets else ():
                 cfg = dataclasses.replace(base, placement="sequential", **RECIPES[recipe], **common)
                 runs.append(Planned(f"{recipe}-sequential-{pct}{suffix}", "dynamic", seed, cfg, recipe))
     return [dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, out=str(out / r.name))) for r in runs]
@@ -101,18 +113,25 @@ def run(
     seeds: list[int] = (0,),
     baselines: tuple[str, ...] = ("static",),
     recipes: tuple[str, ...] = (),
+    recipe_budgets: list[float] | None = None,
+    jobs: int = 1,
 ) -> list[dict]:
-    """Run (or reuse) every fine-tune, then tabulate and plot; ``train=False`` reports the finished runs only."""
+    """Run (or reuse) every fine-tune, then tabulate and plot; ``train=False`` reports the finished
+    runs only. ``jobs > 1`` trains that many runs at once in separate processes (after the dense
+    run, which the others distil from), each with an equal share of the CPU threads."""
+    planned = plan(base, budgets, out, list(seeds), tuple(baselines), tuple(recipes), recipe_budgets)
+    todo = [r for r in planned if not (Path(r.cfg.out) / "metrics.json").exists()]
+    if train:
+        for r in todo:
+            if r.kind == "dense":
+                _train(r)
+        _train_parallel([r for r in todo if r.kind != "dense"], jobs)
     rows = []
-    for r in plan(base, budgets, out, list(seeds), tuple(baselines), tuple(recipes)):
+    for r in planned:
         folder = Path(r.cfg.out)
         if not (folder / "metrics.json").exists():
-            if not train:
-                print(f"== {r.name}: not finished, left out of the report")
-                continue
-            print(f"== {r.name}: training ({r.cfg.epochs} epochs)")
-            resume = (folder / "last.pt").exists()
-            finetune(dataclasses.replace(r.cfg, resume=resume, force=not resume))
+            print(f"== {r.name}: not finished, left out of the report")
+            continue
         _check_same(r)
         m = json.loads((folder / "metrics.json").read_text())
         dyn = m.get("dynamics") or {}
@@ -140,6 +159,55 @@ def run(
     tradeoff_plot(groups, out / "tradeoff.png", title=f"{base.model} on {Path(base.data).name}, {base.epochs} epochs per run")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'tradeoff.png'}")
     return rows
+
+
+def _train(r: Planned) -> None:
+    """Train (or resume) one planned run in this process."""
+    print(f"== {r.name}: training ({r.cfg.epochs} epochs)")
+    folder = Path(r.cfg.out)
+    resume = (folder / "last.pt").exists()
+    finetune(dataclasses.replace(r.cfg, resume=resume, force=not resume))
+
+
+def _train_quietly(r: Planned, threads: int) -> tuple[str, float]:
+    """A worker process's run: its share of the threads, its output in its own ``train.log``."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    folder = Path(r.cfg.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        _train(r)
+    return r.name, json.loads((folder / "metrics.json").read_text())["val_accuracy"]
+
+
+def _train_parallel(runs: list[Planned], jobs: int) -> None:
+    """Train ``runs`` ``jobs`` at a time in fresh processes (spawned, so CUDA works in each),
+    with one progress bar over the runs; a failed run is reported and the others go on."""
+    if not runs:
+        return
+    if jobs <= 1:
+        for r in runs:
+            _train(r)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"training {len(runs)} runs, {jobs} at a time, {threads} thread(s) each; each run's output in its folder's train.log")
+    failed = []
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_quietly, r, threads): r for r in runs}
+        bar = tqdm(as_completed(futures), total=len(futures), desc="trade-off runs", dynamic_ncols=True)
+        for f in bar:
+            r = futures[f]
+            try:
+                name, acc = f.result()
+                bar.write(f"== {name}: top-1 {100 * acc:.2f}%")
+            except Exception as e:  # noqa: BLE001 - one broken run must not stop the others; it is named below
+                failed.append(r.name)
+                bar.write(f"== {r.name}: failed ({type(e).__name__}: {e}); see {Path(r.cfg.out) / 'train.log'}")
+    if failed:
+        raise LCSurgeryError(f"{len(failed)} trade-off run(s) failed: {', '.join(failed)}; rerun the command to retry them (finished runs are reused)")
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -53,13 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeat every run but the dense teacher per seed; the table gives the mean and each seed")
     tr.add_argument("--baselines", nargs="*", choices=tradeoff.BASELINES, default=["static"], help="static rows beside the dynamic ones: LC-Net's gates made static, and Torch-Pruning (needs lcsurgery[compare])")
     tr.add_argument("--recipes", nargs="*", choices=tuple(tradeoff.RECIPES), default=[], help="sequential rows trained with per-image gate options, beside the default recipe")
+    tr.add_argument("--recipe-budgets", nargs="+", type=float, help="train the --recipes rows at these budgets only (default: every budget)")
+    tr.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with an equal share of the CPU threads (the dense run goes first: the others distil from it)")
     tr.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs, train nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "tradeoff":
         base = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and k != "out"})
-        tradeoff.run(base, args.budgets, Path(args.out), train=not args.report_only, seeds=args.seeds, baselines=tuple(args.baselines), recipes=tuple(args.recipes))
+        if args.jobs < 1:
+            raise LCSurgeryError(f"--jobs must be at least 1, got {args.jobs}")
+        tradeoff.run(
+            base, args.budgets, Path(args.out), train=not args.report_only, seeds=args.seeds, baselines=tuple(args.baselines), recipes=tuple(args.recipes),
+            recipe_budgets=args.recipe_budgets, jobs=args.jobs,
+        )  # fmt: skip
     if args.benchmark == "budget":
         if bool(args.data) != bool(args.checkpoint):
             raise LCSurgeryError("bench budget: --data and --checkpoint go together (the task's data and its pretrained weights)")
