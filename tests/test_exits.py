@@ -264,3 +264,24 @@ def test_exit_model_state_dict_keeps_the_backbone_names():
     e.eval(), e2.eval()
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(e.forward_exits(x), e2.forward_exits(x), strict=True))
+
+
+def test_a_pruned_networks_fractions_count_against_the_network_before_pruning():
+    pytest.importorskip("torch_pruning", reason="the Torch-Pruning baseline needs lcsurgery[compare]")
+    from lcsurgery.train.build import build_model
+    from lcsurgery.train.config import FinetuneConfig
+
+    pruned = build_model(FinetuneConfig(model="cifar:resnet20", budget=0.5, prune="torch-pruning"), 10).eval()
+    ex = add_exits(pruned, "macs")
+    x = torch.zeros(1, 3, 32, 32)
+    assert ex.dense_macs() == fvcore_macs(resnet20().eval(), (x,))
+    assert ex.exit_costs()[-1] - sum(ex.head_macs()) == fvcore_macs(pruned, (x,)) < 0.55 * ex.dense_macs()
+
+
+def test_asking_for_a_gpu_where_none_is_visible_says_so(monkeypatch):
+    from lcsurgery.train.exits import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(LCSurgeryError, match="--device cuda:1: no GPU is visible to torch here"):
+        resolve_device("cuda:1")

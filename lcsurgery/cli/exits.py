@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--size", type=int)
     tr.add_argument("--test-subset", type=int)
     tr.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    tr.add_argument("--device", help="where to train: cpu, cuda or cuda:N (default: the GPU when one is visible)")
     ev = sub.add_parser("evaluate", help="set a MAC budget (or a per-image cap) and run the test set through the exits")
     ev.add_argument("run", help="an exits run folder")
     ev.add_argument("--budget", type=float, help="mean MACs per image as a fraction of the network without exits")

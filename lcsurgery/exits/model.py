@@ -132,7 +132,7 @@ class ExitModel(nn.Module):
         return list(self._counts(tuple(input_size or self.input_size)).heads)
 
     def dense_macs(self, input_size: tuple[int, ...] | None = None) -> int:
-        """MACs of the original network (no head run, no gate)."""
+        """MACs of the original network (no head run, no gate; for a pruned run's network, before pruning)."""
         return self._counts(tuple(input_size or self.input_size)).dense
 
     def _counts(self, size: tuple[int, ...]) -> _Costs:
@@ -152,7 +152,9 @@ class ExitModel(nn.Module):
                 unit = torch.tensor([b.per_channel(placement) for b in costs.blocks])
                 self._costs[size, placement] = _Costs(segments, heads, costs.dense, full, unit)
             else:
-                self._costs[size, placement] = _Costs(segments, heads, sum(segments))
+                pruned = getattr(self.backbone, "lc_pruned", None)  # a pruned finetune run: dense is the network before pruning
+                dense = pruned["reference_macs"] if pruned and size == tuple(self.input_size) else sum(segments)
+                self._costs[size, placement] = _Costs(segments, heads, dense)
         return self._costs[size, placement]
 
     def _spent(self, i: int, size: tuple[int, ...], n: int) -> Tensor:

@@ -59,6 +59,7 @@ class ExitsConfig:
     test_subset: int | None = None
     seed: int = 0
     force: bool = False
+    device: str | None = None  # where to train and score: None picks the GPU when one is visible, as finetune does
 
     def __post_init__(self) -> None:
         self.at = tuple(self.at)  # the CLI and config.json give a list
@@ -66,6 +67,16 @@ class ExitsConfig:
             raise LCSurgeryError(f"epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.distill_weight <= 1:
             raise LCSurgeryError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name``, or the GPU when one is visible and the CPU otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LCSurgeryError(f"--device {name}: no GPU is visible to torch here")
+    return device
 
 
 def _at(cfg: ExitsConfig) -> str | list:
@@ -120,7 +131,8 @@ def train_exits(cfg: ExitsConfig) -> dict:
     out = Path(cfg.out)
     if (out / "metrics.json").exists() and not cfg.force:
         raise LCSurgeryError(f"{out} holds a finished exits run; pass --force to overwrite it or use another --out")
-    model = build_exit_model(cfg)
+    device = resolve_device(cfg.device)
+    model = build_exit_model(cfg).to(device)
     train, held, test = exit_loaders(cfg, model.backbone, cfg.test_subset)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -139,6 +151,7 @@ def train_exits(cfg: ExitsConfig) -> dict:
         seen, loss_sum = 0, 0.0
         bar = tqdm(train, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
         for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = exit_loss(model, x, y, cfg.distill_weight, cfg.distill_temperature, teacher)
             for o in opts:
                 o.zero_grad(set_to_none=True)
@@ -164,6 +177,7 @@ def sweep_run(run: Path) -> dict:
     """Score a finished run's held-out and test images again and rewrite its sweep (metrics.json,
     sweep.md, sweep.png): for runs made before a policy rule existed, or after a change of accounting."""
     model, cfg = load_exit_run(run)
+    model.to(resolve_device(None))  # the machine's own, not the one the run was trained on
     cfg = dataclasses.replace(cfg, out=str(run))
     _, held, test = exit_loaders(cfg, model.backbone, cfg.test_subset)
     old = json.loads((Path(run) / "metrics.json").read_text()) if (Path(run) / "metrics.json").exists() else {}
@@ -221,8 +235,9 @@ def exit_loss(model: ExitModel, x: torch.Tensor, y: torch.Tensor, distill_weight
 
 
 def _accuracy(model: torch.nn.Module, loader: ArrayLoader) -> float:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+        correct = sum(int((model(x.to(device)).argmax(1).cpu() == y).sum()) for x, y in loader)
     return correct / len(loader.data)
 
 
