@@ -113,11 +113,14 @@ def test_engine_runs_a_learned_policy_as_replayed(gated):
     assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs) and int((exit_of == 0).sum()) == 8
 
 
-GATED = ["cifar.resnet20", "tv.resnet50", "tv.mobilenet_v2", "tv.convnext_tiny", "timm.seresnext26d_32x4d", "timm.efficientnet_b0"]
+# Each architecture family once, placements alternating; the CIFAR ResNet-20 under both.
+GATED = [
+    ("cifar.resnet20", "parallel"), ("cifar.resnet20", "sequential"), ("tv.resnet50", "sequential"), ("tv.mobilenet_v2", "parallel"),
+    ("tv.convnext_tiny", "sequential"), ("timm.seresnext26d_32x4d", "parallel"), ("timm.efficientnet_b0", "sequential"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", GATED)
-@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize(("name", "placement"), GATED)
 def test_exits_on_a_converted_model_keep_its_output_its_costs_and_the_original_places(name, placement):
     size = (3, ZOO_BY_NAME[name].size, ZOO_BY_NAME[name].size)
     e = _exits(name, placement).eval()
@@ -271,11 +274,12 @@ def test_a_pruned_networks_fractions_count_against_the_network_before_pruning():
     from lcsurgery.train.build import build_model
     from lcsurgery.train.config import FinetuneConfig
 
-    pruned = build_model(FinetuneConfig(model="cifar:resnet20", budget=0.5, prune="torch-pruning"), 10).eval()
+    structure = {"layer1.0.conv1": 8, "layer2.1.conv1": 16, "layer3.2.conv1": 20}  # as a pruned run's folder records it
+    pruned = build_model(FinetuneConfig(model="cifar:resnet20", budget=0.8, prune="torch-pruning"), 10, structure).eval()
     ex = add_exits(pruned, "macs")
     x = torch.zeros(1, 3, 32, 32)
     assert ex.dense_macs() == fvcore_macs(resnet20().eval(), (x,))
-    assert ex.exit_costs()[-1] - sum(ex.head_macs()) == fvcore_macs(pruned, (x,)) < 0.55 * ex.dense_macs()
+    assert ex.exit_costs()[-1] - sum(ex.head_macs()) == fvcore_macs(pruned, (x,)) < ex.dense_macs()
 
 
 def test_asking_for_a_gpu_where_none_is_visible_says_so(monkeypatch):
