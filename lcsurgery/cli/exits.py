@@ -30,7 +30,7 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
 from lcsurgery.exits.policy import RULES, set_budget
 from lcsurgery.models.factory import SPEC_HELP, create_model
-from lcsurgery.train.exits import ExitsConfig, exit_loaders, load_exit_run, sweep_run, train_exits
+from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_summary, load_exit_run, sweep_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
 
@@ -127,10 +127,10 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     _, held, test_loader = exit_loaders(cfg, model.backbone, test_subset)
     test = test_loader.data
     policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule)
-    correct, macs, exits, labels = 0, [], [], []
+    correct, macs, exits, labels = [], [], [], []
     with torch.no_grad():
         for x, y in test_loader:
-            correct += int((model(x).argmax(1) == y).sum())
+            correct.append(model(x).argmax(1) == y)
             macs.append(model.last_macs)
             exits.append(model.last_exit)
             labels.append(y)
@@ -142,13 +142,12 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     figure_path = exits_by_class(exits_t, torch.cat(labels), test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
     dense = model.dense_macs()
     result = {
-        "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None, "accuracy": correct / len(macs_t),
-        "mac_fraction": float(macs_t.double().mean() / dense), "max_macs_seen": int(macs_t.max()), "dense_macs": dense,
-        "exit_shares": torch.bincount(exits_t, minlength=model.num_exits + 1).div(len(exits_t)).tolist(), "test_images": len(macs_t),
+        "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None, "dense_macs": dense,
+        "test_images": len(macs_t), **exit_summary(torch.cat(correct), exits_t, macs_t, dense, model.num_exits),
     }  # fmt: skip
     shares = " / ".join(f"{100 * s:.0f}%" for s in result["exit_shares"])
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {len(macs_t)} test images; "
-          f"most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
+          f"per-image MACs p90/p10 {result['p90_over_p10']:.2f}, most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
     if latency:
         images = torch.cat([x for x, _ in exit_loaders(cfg, model.backbone, latency)[2]])
         result["latency"] = t = time_exits(model, images)

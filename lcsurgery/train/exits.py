@@ -248,15 +248,20 @@ def exit_accuracies(scores: ExitScores) -> list[float]:
 
 def policy_row(model: ExitModel, test: ExitScores, policy: ExitPolicy) -> dict:
     """Accuracy and cost on the test scores under ``policy``."""
-    costs, dense = model.exit_costs(), model.dense_macs()
-    exit_of, macs = simulate(test, costs, policy)
+    exit_of, macs = simulate(test, model.exit_costs(), policy)
     correct = test.prediction.gather(1, exit_of[:, None]).squeeze(1) == test.labels
+    return {"threshold": policy.thresholds[0], **exit_summary(correct, exit_of, macs, model.dense_macs(), model.num_exits)}
+
+
+def exit_summary(correct: torch.Tensor, exit_of: torch.Tensor, macs: torch.Tensor, dense: int, num_exits: int) -> dict:
+    """Top-1, mean fraction of the dense MACs with its 10/50/90th percentiles, the costliest image
+    and the share leaving at each exit, from per-image results (the sweep's and evaluate's rows)."""
     frac = macs.double() / dense
     q = torch.quantile(frac, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     return {
-        "threshold": policy.thresholds[0], "accuracy": float(correct.float().mean()), "mac_fraction": float(frac.mean()),
+        "accuracy": float(correct.float().mean()), "mac_fraction": float(frac.mean()),
         "p10": q[0], "p50": q[1], "p90": q[2], "p90_over_p10": q[2] / q[0], "max_macs_seen": int(macs.max()),
-        "exit_shares": torch.bincount(exit_of, minlength=model.num_exits + 1).div(len(exit_of)).tolist(),
+        "exit_shares": torch.bincount(exit_of, minlength=num_exits + 1).div(len(exit_of)).tolist(),
     }  # fmt: skip
 
 
