@@ -100,6 +100,8 @@ def test_figure_redraws_the_sweep_and_says_what_a_tradeoff_folder_lacks(run, tmp
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     assert main(["exits", "figure", str(root / "run"), "--tradeoff", str(tmp_path)]) == 2
     assert "has no results.json: run lcsurgery bench tradeoff (or --report-only) there first" in capsys.readouterr().err
+    assert main(["exits", "figure", str(root / "run"), "--also", str(tmp_path), "--out", str(tmp_path / "both.png")]) == 2
+    assert f"{tmp_path} is not a finished exits run (no metrics.json)" in capsys.readouterr().err
 
 
 def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_the_sweeps_numbers(run, capsys):

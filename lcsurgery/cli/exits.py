@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fg = sub.add_parser("figure", help="redraw a run's sweep, beside the separately trained points of a bench tradeoff folder")
     fg.add_argument("run", help="an exits run folder")
     fg.add_argument("--tradeoff", help="a bench tradeoff folder (its results.json): static, Torch-Pruning and gated runs per budget")
+    fg.add_argument("--also", nargs="+", default=[], help="other exits runs whose budget knob to draw beside RUN's (e.g. exits on a static or pruned run)")
     fg.add_argument("--out", help="the PNG to write (default: RUN/sweep.png)")
     pt = sub.add_parser("points", help="list where exits can go (a dry run of add_exits)")
     pt.add_argument("--model", required=True, help=f"model spec: {SPEC_HELP}")
@@ -97,25 +98,40 @@ def run(args: argparse.Namespace) -> int:
         sweep_run(Path(args.run))
         return 0
     if args.action == "figure":
-        return figure(Path(args.run), Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None)
+        return figure(Path(args.run), Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None, [Path(a) for a in args.also])
     return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset, args.latency, args.policy)
 
 
-def figure(run: Path, tradeoff: Path | None, out: Path | None) -> int:
-    """The sweep of ``run`` as accuracy vs MACs, with a trade-off benchmark's trained points."""
-    from lcsurgery.viz.figures import exit_sweep_plot
-
+def _finished_sweep(run: Path) -> tuple[dict, dict]:
+    """An exits run's metrics and config, or a clear error."""
     if not (run / "metrics.json").exists():
         raise LCSurgeryError(f"{run} is not a finished exits run (no metrics.json)")
-    metrics = json.loads((run / "metrics.json").read_text())
+    return json.loads((run / "metrics.json").read_text()), json.loads((run / "config.json").read_text())
+
+
+def _network_name(cfg: dict) -> str:
+    """What an exits run sits on: its finetune run's folder name, or the model and its weights."""
+    return f"exits on {Path(cfg['run']).name}" if cfg.get("run") else f"exits on {cfg['model']}"
+
+
+def figure(run: Path, tradeoff: Path | None, out: Path | None, also: list[Path] = ()) -> int:
+    """The sweep of ``run`` as accuracy vs MACs, with a trade-off benchmark's trained points and
+    the budget knobs of ``also`` (other exits runs) beside it."""
+    from lcsurgery.viz.figures import exit_sweep_plot
+
+    metrics, cfg = _finished_sweep(run)
+    others = {}
+    for other in also:
+        m, c = _finished_sweep(other)
+        others[_network_name(c) if _network_name(c) not in others else str(other)] = m
     trained = None
     if tradeoff is not None:
         if not (tradeoff / "results.json").exists():
             raise LCSurgeryError(f"{tradeoff} has no results.json: run lcsurgery bench tradeoff (or --report-only) there first")
         trained = json.loads((tradeoff / "results.json").read_text())["groups"]
-    cfg = json.loads((run / "config.json").read_text())
     title = f"{cfg['model']} with exits ({'network trained with them' if cfg.get('train_backbone') else 'network frozen'}, {cfg['epochs']} epochs)"
-    print(f"wrote {exit_sweep_plot(metrics, out or run / 'sweep.png', title=title, trained=trained)}")
+    label = _network_name(cfg) if others else "exits, one model"
+    print(f"wrote {exit_sweep_plot(metrics, out or run / 'sweep.png', title=title, trained=trained, others=others, label=label)}")
     return 0
 
 

@@ -215,14 +215,18 @@ def controller_plot(steps_file: Path, path: Path, budget: float | None = None) -
     return _save(fig, path)
 
 
-def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[dict] | None = None) -> Path:
+def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[dict] | None = None, others: dict[str, dict] | None = None, label: str = "exits, one model") -> Path:
     """Top-1 against mean MACs per image for one model with exits as its budget knob is swept,
-    each exit alone (every image leaving there) as gray points, the dense model as a star, and
-    ``trained`` (``bench tradeoff`` groups) as separately trained points for comparison."""
+    each exit alone (every image leaving there) as gray points, the dense model as a star,
+    ``trained`` (``bench tradeoff`` groups) as separately trained points for comparison, and the
+    knob curves of ``others`` (label: metrics of another exits run) beside it."""
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     dense = metrics["dense_macs"]
     rows = sorted(metrics["sweep"], key=lambda r: r["mac_fraction"])
-    ax.plot([_millions(r["mac_fraction"] * dense) for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:red", markersize=4, label="exits, one model, budget knob")
+    ax.plot([_millions(r["mac_fraction"] * dense) for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:red", markersize=4, label=f"{label}, budget knob")
+    for (name, other), color in zip((others or {}).items(), ("tab:purple", "tab:brown", "tab:olive", "tab:cyan"), strict=False):
+        theirs = sorted(other["sweep"], key=lambda r: r["mac_fraction"])
+        ax.plot([_millions(r["mac_fraction"] * other["dense_macs"]) for r in theirs], [100 * r["accuracy"] for r in theirs], "v-", color=color, markersize=4, label=f"{name}, budget knob")
     if "learned" in metrics:
         learned = sorted(metrics["learned"]["sweep"], key=lambda r: r["mac_fraction"])
         ax.plot([_millions(r["mac_fraction"] * dense) for r in learned], [100 * r["accuracy"] for r in learned], "s--", color="tab:orange", markersize=3, label="same, learned exit policy")
