@@ -253,6 +253,8 @@ def test_points_by_name_and_fraction_and_clear_errors():
     with pytest.raises(LCSurgeryError, match=r"exit MAC fractions must be in \(0, 1\), got \[1.5\]"):
         add_exits(m, [0.3, 1.5])
     assert m.training is False and not any(n.startswith("heads") for n, _ in m.named_parameters())
+    with pytest.raises(LCSurgeryError, match=r"score expects image tensors or \(images, labels\) batches, got str"):
+        score(add_exits(m), ["not an image"])
 
 
 def test_exit_model_state_dict_keeps_the_backbone_names():

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitModel, ExitPolicy, check_cap, exit_features
 from lcsurgery.fx.tracer import training_mode
+from lcsurgery.macs.dynamic import image_batches
 
 
 @dataclasses.dataclass
@@ -41,12 +42,11 @@ class ExitScores:
 
 def score(model: ExitModel, images: Tensor | Iterable, batch_size: int = 256, progress: bool = True) -> ExitScores:
     """Run every exit on ``images`` (a tensor, or a loader of ``(x, y)`` batches) in eval mode."""
-    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size)) if isinstance(images, Tensor) else images
+    batches, n = image_batches(images, batch_size, caller="score")
     feats, pred, labels, costs = [], [], [], []
     device = next(model.parameters()).device
     with training_mode(model, False), torch.no_grad():
-        for item in tqdm(batches, desc="scoring exits", disable=not progress, leave=False):
-            x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        for x, y in tqdm(batches, total=n, desc="scoring exits", disable=not progress, leave=False):
             outs = model.forward_exits(x.to(device))
             feats.append(torch.stack([exit_features(o) for o in outs], 1).cpu())
             pred.append(torch.stack([o.argmax(1) for o in outs], 1).cpu())

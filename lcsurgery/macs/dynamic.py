@@ -47,7 +47,10 @@ def last_macs(model: nn.Module, placement: str | None = None, counting: str = "c
     return per_sample_macs(static_costs(lc, size, counting), keep, active, placement or lc.placement)
 
 
-def _batches(images: Tensor | Iterable, batch_size: int) -> tuple[Iterator[tuple[Tensor, Tensor | None]], int | None]:
+def image_batches(images: Tensor | Iterable, batch_size: int, caller: str = "count_macs") -> tuple[Iterator[tuple[Tensor, Tensor | None]], int | None]:
+    """``(images, labels or None)`` batches from a tensor of images (cut into ``batch_size``) or a
+    loader of image tensors or ``(images, labels)`` pairs, and how many batches if known; anything
+    else is refused in ``caller``'s name."""
     if isinstance(images, Tensor):
         n = (len(images) + batch_size - 1) // batch_size
         return ((images[i : i + batch_size], None) for i in range(0, len(images), batch_size)), n
@@ -59,7 +62,7 @@ def _batches(images: Tensor | Iterable, batch_size: int) -> tuple[Iterator[tuple
             elif isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
                 yield item[0], item[1] if len(item) > 1 and isinstance(item[1], Tensor) else None
             else:
-                raise LCSurgeryError(f"count_macs expects image tensors or (images, labels) batches, got {type(item).__name__}")
+                raise LCSurgeryError(f"{caller} expects image tensors or (images, labels) batches, got {type(item).__name__}")
 
     return gen(), (len(images) if hasattr(images, "__len__") else None)
 
@@ -99,7 +102,7 @@ def count_macs(
         )
     placement = placement or lc.placement
     check_placement(placement)
-    batches, n_batches = _batches(images, batch_size)
+    batches, n_batches = image_batches(images, batch_size)
     show = progress if progress is not None else (n_batches is None or n_batches > 4)
     keeps, actives, labels, preds, masks = [], [], [], [], {b.name: [] for b in lc.lc_blocks()} if keep_masks else None
     tally = _Tally(lc)
