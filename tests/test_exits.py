@@ -94,6 +94,10 @@ def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name, gated):
     assert 0 < int((exit_of < e.num_exits).sum()) < len(x), "the test needs images leaving early and going on"
     expected = torch.stack([every[i][n] for n, i in enumerate(exit_of.tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # batch 1: the same exits and costs (with gates, counted when last_macs is read)
+        for n in range(len(x)):
+            e(x[n : n + 1])
+            assert (int(e.last_exit[0]), int(e.last_macs[0])) == (int(exit_of[n]), int(macs[n])), n
 
 
 @pytest.mark.parametrize("gated", [None, "sequential"])

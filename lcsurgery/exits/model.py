@@ -98,7 +98,8 @@ class ExitModel(nn.Module):
         self.input_size = tuple(input_size)
         self.policy: ExitPolicy | None = None
         self.last_exit: Tensor | None = None
-        self.last_macs: Tensor | None = None
+        self._last_macs: Tensor | None = None
+        self._pending: tuple[int, tuple[int, ...]] | None = None  # batch 1 with gates: (exit, input size), counted when read
         self.last_exit_costs: Tensor | None = None
         graphs = segment_graphs(graph, cuts)
         self._segments = [compile_segment(backbone, g) for g in graphs]
@@ -208,7 +209,7 @@ class ExitModel(nn.Module):
         forced = policy.forced_exit(costs)
         heads = self._counts(size).heads
         if len(x) == 1:
-            return self._run_one(x, policy, costs, forced)
+            return self._run_one(x, policy, costs, forced, size)
         n = len(x)
         exit_of = torch.full((n,), self.num_exits, dtype=torch.long)
         macs = torch.zeros(n, dtype=torch.long)
@@ -235,26 +236,37 @@ class ExitModel(nn.Module):
         self._record(exit_of, macs)
         return out
 
-    def _run_one(self, x: Tensor, policy: ExitPolicy, costs: list[int], forced: int | None) -> Tensor:
-        """Batch 1: the same decisions with no gathering, so leaving early costs no bookkeeping."""
-        size = tuple(x.shape[1:])
-        spent = 0  # with gates, this image's own cost so far (without, ``costs`` has it)
+    def _run_one(self, x: Tensor, policy: ExitPolicy, costs: list[int], forced: int | None, size: tuple[int, ...]) -> Tensor:
+        """Batch 1: the same decisions with no gathering and no bookkeeping on the way: with gates,
+        the image's cost is counted from its gates' states only when ``last_macs`` is read."""
         for i in range(self.num_exits):
             x = self.segment(i, x)
             logits = self.heads[i](x)
-            if self._gated:
-                spent += int(self._spent(i, size, 1)) + self._counts(size).heads[i]
             if i == forced or float(policy.scores(i, exit_features(logits))[0]) >= policy.thresholds[i]:
-                self._record(torch.tensor([i]), torch.tensor([spent if self._gated else costs[i]]))
+                self._record_one(i, size, costs)
                 return logits
         out = self.segment(self.num_exits, x)
-        if self._gated:
-            spent += int(self._spent(self.num_exits, size, 1))
-        self._record(torch.tensor([self.num_exits]), torch.tensor([spent if self._gated else costs[-1]]))
+        self._record_one(self.num_exits, size, costs)
         return out
 
+    def _record_one(self, exit_of: int, size: tuple[int, ...], costs: list[int]) -> None:
+        if self._gated:
+            self.last_exit, self._last_macs, self._pending = torch.tensor([exit_of]), None, (exit_of, size)
+        else:
+            self._record(torch.tensor([exit_of]), torch.tensor([costs[exit_of]]))
+
+    @property
+    def last_macs(self) -> Tensor | None:
+        """int64 [B]: what each image of the latest forward cost (read it before the next forward:
+        at batch 1 with gates it is counted from the gates' states when read)."""
+        if self._pending is not None:
+            i, size = self._pending
+            spent = sum(int(self._spent(j, size, 1)) for j in range(i + 1)) + sum(self._counts(size).heads[: i + 1])
+            self._last_macs, self._pending = torch.tensor([spent]), None
+        return self._last_macs
+
     def _record(self, exit_of: Tensor, macs: Tensor) -> None:
-        self.last_exit, self.last_macs = exit_of, macs.long()
+        self.last_exit, self._last_macs, self._pending = exit_of, macs.long(), None
 
     def extra_repr(self) -> str:
         return f"exits at {', '.join(p.name for p in self.points)}"
