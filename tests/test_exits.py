@@ -289,9 +289,9 @@ def test_a_pruned_networks_fractions_count_against_the_network_before_pruning():
 
 
 def test_asking_for_a_gpu_where_none_is_visible_says_so(monkeypatch):
-    from lcsurgery.train.exits import resolve_device
+    from lcsurgery.train.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None) == torch.device("cpu")
-    with pytest.raises(LCSurgeryError, match="--device cuda:1: no GPU is visible to torch here"):
+    with pytest.raises(LCSurgeryError, match="--device cuda:1: no CUDA device is visible to torch here"):
         resolve_device("cuda:1")

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 import lcsurgery
 from lcsurgery.bench.floor import record_kernels, replay
-from lcsurgery.errors import LCSurgeryError
 from lcsurgery.models.factory import create_model
+from lcsurgery.train.distributed import resolve_device
 
 
 @dataclass
@@ -212,9 +212,7 @@ def run(
     device: str = "cpu",
 ) -> list[Row]:
     """The benchmark; ``trained`` maps a model spec to a run folder whose gates to time too."""
-    on_gpu = torch.device(device).type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise LCSurgeryError(f"--device {device}: no CUDA device is visible to torch here (torch {torch.__version__})")
+    on_gpu = resolve_device(device).type == "cuda"
     torch.set_num_threads(threads)
     rows: list[Row] = []
     patterns = {

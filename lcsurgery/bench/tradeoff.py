@@ -14,6 +14,7 @@ their configuration matches) and interrupted ones resumed. Writes ``results.json
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -22,6 +23,7 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from lcsurgery.errors import LCSurgeryError
@@ -171,10 +173,6 @@ def _train(r: Planned) -> None:
 
 def _train_quietly(r: Planned, threads: int) -> tuple[str, float]:
     """A worker process's run: its share of the threads, its output in its own ``train.log``."""
-    import contextlib
-
-    import torch
-
     torch.set_num_threads(threads)
     folder = Path(r.cfg.out)
     folder.mkdir(parents=True, exist_ok=True)

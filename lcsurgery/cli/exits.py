@@ -123,7 +123,8 @@ def figure(run: Path, tradeoff: Path | None, out: Path | None, also: list[Path] 
     others = {}
     for other in also:
         m, c = _finished_sweep(other)
-        others[_network_name(c) if _network_name(c) not in others else str(other)] = m
+        name = _network_name(c)
+        others[str(other) if name in others else name] = m
     trained = None
     if tradeoff is not None:
         if not (tradeoff / "results.json").exists():

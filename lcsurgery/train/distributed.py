@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lcsurgery.errors import LCSurgeryError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -62,12 +64,23 @@ class Dist:
             dist.barrier()
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:N``), or with none the GPU when one is visible and the CPU
+    otherwise; a GPU asked for where torch sees none is refused, naming the option."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LCSurgeryError(f"--device {name}: no CUDA device is visible to torch here (torch {torch.__version__})")
+    return device
+
+
 def setup() -> Dist:
     """Join the torchrun job if launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:
-        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+        return Dist(device=resolve_device())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -30,6 +30,7 @@ from lcsurgery.exits.policy import ExitScores, fit_scorer, score, simulate, thre
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.train.distill import distill_loss
+from lcsurgery.train.distributed import resolve_device
 from lcsurgery.train.run_folder import load_run
 
 SWEEP = tuple(round(0.2 + 0.05 * i, 2) for i in range(17))  # 0.20 ... 1.00
@@ -67,16 +68,6 @@ class ExitsConfig:
             raise LCSurgeryError(f"epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.distill_weight <= 1:
             raise LCSurgeryError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``name``, or the GPU when one is visible and the CPU otherwise."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LCSurgeryError(f"--device {name}: no GPU is visible to torch here")
-    return device
 
 
 def _at(cfg: ExitsConfig) -> str | list:
@@ -177,7 +168,7 @@ def sweep_run(run: Path) -> dict:
     """Score a finished run's held-out and test images again and rewrite its sweep (metrics.json,
     sweep.md, sweep.png): for runs made before a policy rule existed, or after a change of accounting."""
     model, cfg = load_exit_run(run)
-    model.to(resolve_device(None))  # the machine's own, not the one the run was trained on
+    model.to(resolve_device())  # the machine's own, not the one the run was trained on
     cfg = dataclasses.replace(cfg, out=str(run))
     _, held, test = exit_loaders(cfg, model.backbone, cfg.test_subset)
     old = json.loads((Path(run) / "metrics.json").read_text()) if (Path(run) / "metrics.json").exists() else {}

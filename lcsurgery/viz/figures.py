@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -224,7 +225,7 @@ def exit_sweep_plot(metrics: dict, path: Path, title: str = "", trained: list[di
     dense = metrics["dense_macs"]
     rows = sorted(metrics["sweep"], key=lambda r: r["mac_fraction"])
     ax.plot([_millions(r["mac_fraction"] * dense) for r in rows], [100 * r["accuracy"] for r in rows], "o-", color="tab:red", markersize=4, label=f"{label}, budget knob")
-    for (name, other), color in zip((others or {}).items(), ("tab:purple", "tab:brown", "tab:olive", "tab:cyan"), strict=False):
+    for (name, other), color in zip((others or {}).items(), itertools.cycle(("tab:purple", "tab:brown", "tab:olive", "tab:cyan"))):
         theirs = sorted(other["sweep"], key=lambda r: r["mac_fraction"])
         ax.plot([_millions(r["mac_fraction"] * other["dense_macs"]) for r in theirs], [100 * r["accuracy"] for r in theirs], "v-", color=color, markersize=4, label=f"{name}, budget knob")
     if "learned" in metrics:
