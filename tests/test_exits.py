@@ -13,7 +13,7 @@ from zoo import ZOO, ZOO_BY_NAME, example, original, randomize_gates
 
 import lcsurgery
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.exits.model import ExitPolicy, add_exits, exit_points
+from lcsurgery.exits.model import ExitPolicy, add_exits, exit_features, exit_points
 from lcsurgery.exits.policy import ExitScores, fit_scorer, score, set_budget, simulate, threshold_policy
 from lcsurgery.macs.static import fvcore_macs, static_costs
 from lcsurgery.models.cifar_resnet import resnet20
@@ -116,6 +116,18 @@ def test_engine_runs_a_learned_policy_as_replayed(gated):
     exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
     assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs) and int((exit_of == 0).sum()) == 8
 
+
+
+def test_a_policy_scores_logits_as_it_scores_their_exit_features():
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3
+    features = exit_features(logits)
+    confidence = ExitPolicy((0.5,) * 2)
+    learned = ExitPolicy((0.5,) * 2, None, ((1.0, -2.0, 0.5, 0.3), (0.2, 0.1, -1.0, 0.0)))
+    for policy in (confidence, learned):
+        for i in range(2):
+            assert torch.equal(policy.score_logits(i, logits), policy.scores(i, features))
+    for n in range(64):  # batch 1, as the engine's one-image path scores it
+        assert torch.equal(confidence.score_logits(0, logits[n : n + 1]), features[n : n + 1, 0])
 
 # Each architecture family once, placements alternating; the CIFAR ResNet-20 under both.
 GATED = [

@@ -63,6 +63,14 @@ class ExitPolicy:
         w = torch.tensor(self.scorer[i], dtype=features.dtype, device=features.device)
         return torch.sigmoid(features @ w[:-1] + w[-1])
 
+    def score_logits(self, i: int, logits: Tensor) -> Tensor:
+        """[B] exit ``i``'s score from its head's logits; the confidence rule computes the top
+        probability alone (the same number as ``exit_features``' first column, a third of the time
+        at batch 1, where each declined head's ops are what an early exit pays for)."""
+        if self.scorer is None:
+            return logits.float().softmax(1).amax(1)
+        return self.scores(i, exit_features(logits))
+
     def forced_exit(self, costs: list[int]) -> int | None:
         """The exit every image still running leaves at, because going on could pass ``max_macs``
         (``costs``: ``ExitModel.exit_costs``, the most an image can cost at each exit); None: no cap."""
@@ -222,7 +230,7 @@ class ExitModel(nn.Module):
             macs[idx.cpu()] += self._spent(i, size, len(h)) + heads[i]
             if out is None:
                 out = logits.new_empty((n, *logits.shape[1:]))
-            leave = policy.scores(i, exit_features(logits)) >= policy.thresholds[i]
+            leave = policy.score_logits(i, logits) >= policy.thresholds[i]
             if i == forced:
                 leave = torch.ones_like(leave)  # going on could pass the cap: everyone left leaves here
             out[idx[leave]] = logits[leave]
@@ -242,7 +250,7 @@ class ExitModel(nn.Module):
         for i in range(self.num_exits):
             x = self.segment(i, x)
             logits = self.heads[i](x)
-            if i == forced or float(policy.scores(i, exit_features(logits))[0]) >= policy.thresholds[i]:
+            if i == forced or float(policy.score_logits(i, logits)[0]) >= policy.thresholds[i]:
                 self._record_one(i, size, costs)
                 return logits
         out = self.segment(self.num_exits, x)
