@@ -15,6 +15,7 @@ from lcsurgery.data.sources import load_arrays
 from lcsurgery.models.cifar_resnet import resnet20
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.exits import ExitsConfig, load_exit_run, train_exits
+from lcsurgery.viz.figures import extreme_picks
 
 DATA = "synthetic:1000"
 
@@ -73,10 +74,19 @@ def test_evaluate_runs_the_engine_to_the_sweeps_numbers_and_holds_the_cap(run, c
     cap = metrics["exit_costs"][2]
     assert main(["exits", "evaluate", str(folder), "--max-macs", str(cap), ]) == 0
     capped = json.loads((folder / "evaluate.json").read_text())
-    assert (folder / "exits_by_class.png").stat().st_size > 10_000
+    assert (folder / "exits_by_class.png").stat().st_size > 10_000 and (folder / "exits_extremes.png").stat().st_size > 10_000
     assert capped["max_macs_seen"] <= cap and sum(capped["exit_shares"][3:]) == 0
     assert main(["exits", "evaluate", str(folder)]) == 2
     assert "give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both" in capsys.readouterr().err
+
+
+def test_the_easiest_images_leave_first_most_confident_and_the_hardest_last_least_confident():
+    macs = torch.tensor([5, 1, 9, 1, 9, 1, 5, 9])
+    confidence = torch.tensor([0.5, 0.7, 0.9, 0.95, 0.2, 0.6, 0.1, 0.4])
+    fewest, most = extreme_picks(macs, 3, confidence)
+    assert fewest.tolist() == [3, 1, 5] and most.tolist() == [4, 7, 2]
+    fewest, most = extreme_picks(macs, 4)  # no confidence: the order of the images among equals
+    assert fewest.tolist() == [1, 3, 5, 0] and most.tolist() == [7, 4, 2, 6]
 
 
 def test_training_the_backbone_with_its_exits_changes_it_and_keeps_the_start_as_teacher(run):

@@ -12,8 +12,8 @@ Examples:
 
 ``train`` ends with a sweep of the budget knob (sweep.md, sweep.png, metrics.json); ``evaluate``
 sets the policy for one budget on the run's held-out training images and runs the test set
-through the early-exit engine, each image leaving at its exit (evaluate.json, and
-exits_by_class.png: where each class leaves).
+through the early-exit engine, each image leaving at its exit (evaluate.json; exits_by_class.png:
+where each class leaves; exits_extremes.png: the easiest and the hardest images).
 """
 
 from __future__ import annotations
@@ -144,23 +144,29 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     _, held, test_loader = exit_loaders(cfg, model.backbone, test_subset)
     test = test_loader.data
     policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule)
-    correct, macs, exits, labels = [], [], [], []
+    preds, confidence, macs, exits, labels = [], [], [], [], []
     with torch.no_grad():
         for x, y in test_loader:
-            correct.append(model(x).argmax(1) == y)
+            probs = model(x).float().softmax(1)
+            preds.append(probs.argmax(1).cpu())
+            confidence.append(probs.amax(1).cpu())
             macs.append(model.last_macs)
             exits.append(model.last_exit)
-            labels.append(y)
-    macs_t, exits_t = torch.cat(macs), torch.cat(exits)
-    from lcsurgery.viz.figures import exits_by_class
+            labels.append(y.cpu())
+    macs_t, exits_t, labels_t, preds_t = torch.cat(macs), torch.cat(exits), torch.cat(labels), torch.cat(preds)
+    from lcsurgery.viz.figures import exits_by_class, extreme_images
 
     names = [*(p.name for p in model.points), "own head"]
     what = " and ".join(x for x in (f"budget {budget}" if budget else "", f"at most {max_macs:,} MACs" if max_macs else "") if x)
-    figure_path = exits_by_class(exits_t, torch.cat(labels), test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
+    figure_path = exits_by_class(exits_t, labels_t, test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
     dense = model.dense_macs()
+    extremes_path = extreme_images(
+        test.images, macs_t, labels_t, preds_t, test.classes, run / "exits_extremes.png", dense=dense, confidence=torch.cat(confidence),
+        title=f"easiest and hardest test images, {what}: leaving first (most confident first) and last (least confident first)",
+    )  # fmt: skip
     result = {
         "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None, "dense_macs": dense,
-        "test_images": len(macs_t), **exit_summary(torch.cat(correct), exits_t, macs_t, dense, model.num_exits),
+        "test_images": len(macs_t), **exit_summary(preds_t == labels_t, exits_t, macs_t, dense, model.num_exits),
     }  # fmt: skip
     shares = " / ".join(f"{100 * s:.0f}%" for s in result["exit_shares"])
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {len(macs_t)} test images; "
@@ -171,5 +177,5 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
         print(f"batch 1, one thread, {len(images)} images: {t['no_exits_ms_per_image']:.2f} ms without exits, {t['exits_ms_per_image']:.2f} ms with: "
               f"{t['speedup']:.2f}x faster for {t['mac_ratio']:.2f}x fewer MACs (efficiency {t['efficiency']:.2f})")  # fmt: skip
     (run / "evaluate.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {run / 'evaluate.json'}, {figure_path}")
+    print(f"wrote {run / 'evaluate.json'}, {figure_path}, {extremes_path}")
     return 0

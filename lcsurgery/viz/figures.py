@@ -2,7 +2,8 @@
 
 - ``tradeoff_plot``: accuracy vs mean MACs per image across budgets: dynamic gates per placement,
   static gates, Torch-Pruning, and the dense point (paper Fig. 5).
-- ``extreme_images``: the test images needing the fewest and the most MACs (Fig. 6).
+- ``extreme_images``: the test images needing the fewest and the most MACs (Fig. 6); with exits,
+  the easiest (leaving first, most confident) and the hardest.
 - ``channel_heatmap``: per-class fraction of images activating each gated channel of the last
   blocks (Fig. 7).
 - ``macs_histogram``: distribution of per-image MACs for both placements.
@@ -89,14 +90,25 @@ def _show(img: Tensor) -> np.ndarray:
     return (img if img.dtype == torch.uint8 else img.clamp(0, 1)).permute(1, 2, 0).cpu().numpy()
 
 
+def extreme_picks(macs: Tensor, k: int, confidence: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Indices of the ``k`` images with the fewest MACs and of the ``k`` with the most; among equal
+    MACs (every image leaving at one exit costs the same), the most confident come first among
+    the fewest and the least confident first among the most."""
+    order = torch.arange(len(macs))
+    if confidence is not None:
+        order = torch.argsort(confidence.double(), descending=True, stable=True)
+    order = order[torch.argsort(macs[order].double(), stable=True)]
+    return order[:k], order.flip(0)[:k]
+
+
 def extreme_images(
-    images: Tensor, macs: Tensor, labels: Tensor, preds: Tensor, classes: list[str], path: Path, k: int = 8, dense: float | None = None
+    images: Tensor, macs: Tensor, labels: Tensor, preds: Tensor, classes: list[str], path: Path, k: int = 8, dense: float | None = None,
+    confidence: Tensor | None = None, title: str = "test images needing the fewest and the most MACs",
 ) -> Path:
-    """Two rows: the ``k`` images needing the fewest MACs and the ``k`` needing the most."""
-    order = torch.argsort(macs.double(), stable=True)
-    picks = [("fewest MACs", order[:k]), ("most MACs", order.flip(0)[:k])]
-    fig, axes = plt.subplots(2, k, figsize=(1.55 * k, 4.2))
-    for row, (label, idx) in enumerate(picks):
+    """Two rows: the ``k`` images needing the fewest MACs and the ``k`` needing the most (``extreme_picks``)."""
+    fewest, most = extreme_picks(macs, k, confidence)
+    fig, axes = plt.subplots(2, k, figsize=(1.55 * k, 4.2), squeeze=False)
+    for row, (label, idx) in enumerate((("fewest MACs", fewest), ("most MACs", most))):
         for col, i in enumerate(idx.tolist()):
             ax = axes[row, col]
             ax.imshow(_show(images[i]), interpolation="nearest")
@@ -106,7 +118,7 @@ def extreme_images(
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row, 0].set_ylabel(label, fontsize=9)
-    fig.suptitle("test images needing the fewest and the most MACs (true class; MACs per image; red: misclassified)", fontsize=9)
+    fig.suptitle(f"{title} (true class; MACs per image; red: misclassified)", fontsize=9)
     return _save(fig, path)
 
 
