@@ -27,9 +27,16 @@ def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
     assert acc["LC-Net, parallel"] == acc["LC-Net, sequential"]
     macs = {r["model"]: r["macs"] for r in table["rows"]}
     assert macs["LC-Net, sequential"] < macs["LC-Net, parallel"] < macs["dense fine-tune"]
-    for name in ("tradeoff", "extreme_images", "channel_heatmap", "macs_histogram", "skip_rates", "gate_usage"):
+    # the exits row: the sequential network with its exits at 0.8 of the budget, as `exits evaluate` measured it on the same images
+    evaluated = json.loads((out / "exits" / "evaluate.json").read_text())
+    exits_row = "LC-Net, sequential, with exits (budget 0.4)"
+    assert evaluated["budget"] == 0.4 and evaluated["test_images"] == table["images"]
+    assert acc[exits_row] == pytest.approx(evaluated["accuracy"]) and macs[exits_row] == pytest.approx(evaluated["mac_fraction"] * evaluated["dense_macs"])
+    assert macs[exits_row] < macs["LC-Net, sequential"]
+    for name in ("tradeoff", "extreme_images", "channel_heatmap", "macs_histogram", "skip_rates", "gate_usage", "exits_sweep"):
         with Image.open(out / "figures" / f"{name}.png") as im:
             assert im.width >= 400 and im.height >= 300, name
+    assert (out / "exits" / "exits_extremes.png").stat().st_size > 10_000
     assert main(args) == 0  # finished runs are reused, not retrained
     assert "training" not in capsys.readouterr().out
 

@@ -5,7 +5,9 @@ same; what differs is the schedule. Parallel runs the gates beside each block's 
 (no added latency) and so always pays that conv in full in a kept block; sequential runs the
 gates first and trims the first conv's filters too. The comparison measures, on the same test
 images: top-1 accuracy under each placement (identical predictions are checked, not assumed),
-mean MACs per image, the MAC reduction, and CPU latency at batch 1 and 64, interleaved.
+mean MACs per image, the MAC reduction, and CPU latency at batch 1 and 64, interleaved. With
+``exits`` (an exits run trained on this run's network), one more row: the same network with its
+early exits under a MAC budget set on the exits run's held-out training images.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from torch import nn
 import lcsurgery
 from lcsurgery.data.loaders import make_loaders
 from lcsurgery.errors import LCSurgeryError
+from lcsurgery.exits.model import ExitModel
+from lcsurgery.exits.policy import set_budget
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.config import FinetuneConfig
+from lcsurgery.train.exits import exit_loaders, load_exit_run
 from lcsurgery.train.run_folder import load_run
 
 
@@ -73,10 +78,13 @@ def compare(
     batches: tuple[int, ...] = (1, 64),
     threads: int = 1,
     rounds: int = 100,
+    exits: Path | None = None,
+    exit_budget: float = 0.4,
 ) -> dict:
     """The comparison for the run in ``run``; returns (and writes to ``run``) the table and numbers."""
     lc, cfg, classes = load_run(run)
     dense, dense_label = _dense_model(cfg, dense_run, classes)
+    exit_model = _exit_model(exits, run, exit_budget) if exits is not None else None
     loaders = make_loaders(data or cfg.data, lc, 250, size=cfg.size, test_subset=test_subset)
     acc, macs = {}, {}
     preds = {}
@@ -89,13 +97,18 @@ def compare(
     acc["dense"], _ = _accuracy_and_predictions(dense, loaders.test)
     macs["dense"] = dense_macs
     same = int((preds["parallel"] == preds["sequential"]).sum())
+    models = {"dense": dense, "parallel": lc, "sequential": _copy_with_placement(lc, "sequential")}
+    labels = {"dense": dense_label, "parallel": "LC-Net, parallel", "sequential": "LC-Net, sequential"}
+    if exit_model is not None:
+        acc["exits"], macs["exits"] = _exits_accuracy_and_macs(exit_model, loaders.test)
+        models["exits"] = exit_model
+        labels["exits"] = f"LC-Net, {exit_model.backbone.placement}, with exits (budget {exit_budget})"
     images = torch.cat([x for x, _ in loaders.test])[:256]
     torch.set_num_threads(threads)
-    par, seq = lc, _copy_with_placement(lc, "sequential")
-    par.placement = "parallel"
-    latency = {b: _latency({"dense": dense, "parallel": par, "sequential": seq}, images, b, rounds if b == 1 else max(rounds // 5, 10)) for b in batches}
+    lc.placement = "parallel"
+    latency = {b: _latency(models, images, b, rounds if b == 1 else max(rounds // 5, 10)) for b in batches}
     rows = []
-    for key, label in (("dense", dense_label), ("parallel", "LC-Net, parallel"), ("sequential", "LC-Net, sequential")):
+    for key, label in labels.items():
         lat = {b: latency[b][key] for b in batches}
         rows.append(CompareRow(label, acc[key], macs[key], dense_macs / macs[key], lat, {b: latency[b]["dense"] / lat[b] for b in batches}))
     result = {
@@ -111,6 +124,27 @@ def compare(
     (run / "compare.md").write_text(table + "\n")
     print(table)
     return result
+
+
+def _exit_model(exits: Path, run: Path, budget: float) -> ExitModel:
+    """The exits run's model with its policy set for ``budget`` on its held-out training images;
+    it must sit on ``run``'s network, or the row would compare another model."""
+    model, cfg = load_exit_run(exits)
+    if cfg.run is None or Path(cfg.run).resolve() != Path(run).resolve():
+        raise LCSurgeryError(f"{exits} holds exits on {cfg.run or cfg.model}, not on {run}: train them with lcsurgery exits train --run {run}")
+    _, held, _ = exit_loaders(cfg, model.backbone, test_subset=1)
+    set_budget(model, budget, calibration=held)
+    return model
+
+
+def _exits_accuracy_and_macs(model: ExitModel, loader) -> tuple[float, float]:
+    """Top-1 and mean MACs per image of the network with its exits, each image leaving at its exit."""
+    correct, macs = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            correct.append(model(x).argmax(1) == y)
+            macs.append(model.last_macs)
+    return float(torch.cat(correct).double().mean()), float(torch.cat(macs).double().mean())
 
 
 def _copy_with_placement(lc: nn.Module, placement: str) -> nn.Module:

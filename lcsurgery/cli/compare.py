@@ -1,9 +1,11 @@
 """Compare placements of one fine-tuned model: dense vs LC-Net parallel vs sequential (paper Table 1).
 
 Accuracy, mean MACs per image, MAC reduction and CPU latency at batch 1 and 64, in one run.
-Writes compare.json and compare.md into the run folder.
+With ``--exits``, a row for the same network with its early exits at a MAC budget. Writes
+compare.json and compare.md into the run folder.
 
   lcsurgery compare runs/r20-seq50 --dense-run runs/r20-dense
+  lcsurgery compare runs/r20-seq50 --dense-run runs/r20-dense --exits runs/exits/seq50 --exit-budget 0.35
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=100, help="timed rounds at batch 1 (a fifth of that at larger batches)")
+    p.add_argument("--exits", help="an exits run on RUN's network (lcsurgery exits train --run RUN): a row with its early exits")
+    p.add_argument("--exit-budget", type=float, default=0.4, help="the exits row's MAC budget, a fraction of the dense MACs")
 
 
 def run(args: argparse.Namespace) -> int:
     compare(
         Path(args.run), args.data, Path(args.dense_run) if args.dense_run else None, args.test_subset or None,
-        tuple(args.batches), args.threads, args.rounds,
+        tuple(args.batches), args.threads, args.rounds, Path(args.exits) if args.exits else None, args.exit_budget,
     )  # fmt: skip
     return 0

@@ -1,9 +1,11 @@
 """The main job on a built-in default: retrofit a pretrained ResNet-20, fine-tune, compare, plot.
 
 Offline by default: the built-in shapes task (generated on the fly) and a ResNet-20 this
-project trained on it and ships. The demo fine-tunes a dense baseline and LC-Net at one MAC
-budget for each placement, prints the accuracy-MACs table and the placement comparison
-(paper Table 1, with CPU latency), and writes the figures. About 5 minutes on 2 CPU cores.
+project trained on it and ships. The demo fine-tunes a dense baseline, LC-Net's gates made
+static and LC-Net at one MAC budget for each placement, trains early exits on the sequential
+run's network, prints the accuracy-MACs table and the placement comparison (paper Table 1, with
+CPU latency, and a row with the exits at 0.8 of the budget), and writes the figures. About 6
+minutes on 2 CPU cores.
 
   lcsurgery demo
   lcsurgery demo --data ../shared/data/cifar10-jpg.tar.gz --checkpoint ../shared/models/cifar10-resnet20.th
@@ -20,10 +22,13 @@ import lcsurgery
 from lcsurgery.assets import SHAPES_RESNET20
 from lcsurgery.bench import tradeoff
 from lcsurgery.bench.compare import compare
+from lcsurgery.cli import exits
 from lcsurgery.cli.figures import make_figures
+from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.config import FinetuneConfig
+from lcsurgery.train.exits import ExitsConfig, train_exits
 
 DEFAULT_DATA = "synthetic:6000"
 
@@ -62,13 +67,21 @@ def run(args: argparse.Namespace) -> int:
         train_subset=args.train_subset, test_subset=args.test_subset, out=str(out),
     )  # fmt: skip
     print(lcsurgery.find_blocks(create_model(base.model), input_size=(3, 32, 32)))
-    print(f"\n== 1/3 fine-tuning: dense, and LC-Net at {args.budget:.0%} of the dense MACs for each placement ({args.epochs} epochs each)")
+    print(f"\n== 1/4 fine-tuning: dense, and LC-Net at {args.budget:.0%} of the dense MACs for each placement ({args.epochs} epochs each)")
     tradeoff.run(base, [args.budget], out)
     seq = out / f"sequential-{round(100 * args.budget)}"
-    print("\n== 2/3 one set of gates, two schedules: dense vs LC-Net parallel vs sequential")
-    compare(seq, dense_run=out / "dense", test_subset=args.test_subset, rounds=args.rounds)
-    print("\n== 3/3 figures")
+    exit_run, exit_budget = out / "exits", round(0.8 * args.budget, 2)
+    print(f"\n== 2/4 early exits on {seq.name}'s network (heads trained, network frozen), and a budget set at inference")
+    if not (exit_run / "metrics.json").exists():
+        held_out = min(5000, len(load_arrays(args.data, "train")) // 10)
+        train_exits(ExitsConfig(model=base.model, data=args.data, run=str(seq), out=str(exit_run), epochs=args.epochs, held_out=held_out, test_subset=args.test_subset, force=True))
+    exits.evaluate(exit_run, exit_budget, None, args.test_subset)
+    print(f"\n== 3/4 one set of gates, two schedules, and the exits: dense vs LC-Net parallel vs sequential vs sequential with exits at {exit_budget:.0%}")
+    compare(seq, dense_run=out / "dense", test_subset=args.test_subset, rounds=args.rounds, exits=exit_run, exit_budget=exit_budget)
+    print("\n== 4/4 figures")
     for path in make_figures(seq, None, args.test_subset, out / "figures", out):
         print(f"  {path}")
-    print(f"\ntables: {out / 'results.md'}, {seq / 'compare.md'}")
+    exits.figure(exit_run, out, out / "figures" / "exits_sweep.png")
+    print(f"  {exit_run / 'exits_by_class.png'}\n  {exit_run / 'exits_extremes.png'}")
+    print(f"\ntables: {out / 'results.md'}, {seq / 'compare.md'}, {exit_run / 'sweep.md'}")
     return 0
