@@ -146,6 +146,21 @@ def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_t
     assert "--run brings its own trained weights: drop --checkpoint and --pretrained" in capsys.readouterr().err
 
 
+def test_bench_latency_times_an_exits_run_per_batch_with_the_engines_macs(run, tmp_path):
+    root, _ = run
+    out = tmp_path / "latency.json"
+    args = ["bench", "latency", "--models", "--batches", "1", "8", "--exits", str(root / "run"), "--exit-budget", "0.5", "--exit-images", "40", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [] and [(r["batch"], r["images"], r["budget"]) for r in saved["exits"]] == [(1, 40, 0.5), (8, 40, 0.5)]
+    assert main(["exits", "evaluate", str(root / "run"), "--budget", "0.5", "--test-subset", "40"]) == 0
+    evaluated = json.loads((root / "run" / "evaluate.json").read_text())
+    for r in saved["exits"]:  # the same images and policy as evaluate's; batches of 8 may flip a tie
+        assert r["no_exits_macs"] == evaluated["dense_macs"] and r["exits_macs"] == pytest.approx(evaluated["mac_fraction"] * evaluated["dense_macs"], rel=0.02)
+        assert r["mac_ratio"] == pytest.approx(r["no_exits_macs"] / r["exits_macs"]) and r["efficiency"] == pytest.approx(r["speedup"] / r["mac_ratio"])
+    assert out.with_suffix(".md").read_text().count(f"| {root / 'run'} | 0.5 |") == 2
+
+
 def test_sweep_rescores_a_run_to_the_same_numbers(run, tmp_path):
     root, metrics = run
     folder = tmp_path / "copy"

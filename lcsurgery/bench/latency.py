@@ -12,7 +12,10 @@ of the rest) or trained gates from a run folder. It reports medians and
   alone (``lcsurgery.bench.floor``), the most any engine on this backend's kernels could reach.
   The gap between the two is the engine's overhead; a target above the second needs other kernels.
 
-Prints a table and writes JSON. Not a test: numbers depend on the machine and its load.
+With exits runs (``exits``), a second table: each network with its exits under a MAC budget
+against the same network without them, on the run's test images (``exit_latency``).
+
+Prints the tables and writes JSON. Not a test: numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import lcsurgery
+from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.bench.floor import record_kernels, replay
+from lcsurgery.exits.policy import set_budget
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.distributed import resolve_device
+from lcsurgery.train.exits import exit_loaders, load_exit_run
 
 
 @dataclass
@@ -193,6 +199,30 @@ def format_markdown(rows: list[Row]) -> str:
     return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
 
 
+def bench_exits(run: Path, budget: float, batches: list[int], images: int, rounds: int, threads: int, device: torch.device | str = "cpu") -> list[dict]:
+    """One exits run at ``budget`` (policy set on its held-out training images) against its network
+    without exits, on its first ``images`` test images, per batch size."""
+    model, cfg = load_exit_run(run)
+    _, held, test = exit_loaders(cfg, model.backbone, images)
+    set_budget(model, budget, calibration=held)
+    x = torch.cat([b for b, _ in test])
+    return [{"run": str(run), "budget": budget, **time_exits(model, x, rounds, threads, batch=b, device=device)} for b in batches]
+
+
+def format_exits_markdown(rows: list[dict]) -> str:
+    """The exits table as Markdown: per run and batch size, time and MACs with and without exits."""
+    lines = [
+        "| exits run | budget | batch | ms / image without exits | ms / image with exits | MACs/img without | MACs/img with | speed-up | MAC ratio | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['budget']} | {r['batch']} | {r['no_exits_ms_per_image']:.3f} | {r['exits_ms_per_image']:.3f} | {r['no_exits_macs'] / 1e6:.2f}M | "
+            f"{r['exits_macs'] / 1e6:.2f}M | {r['speedup']:.2f}x | {r['mac_ratio']:.2f}x | {r['efficiency']:.2f} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 MODELS = {
     "cifar:resnet20": 32,
     "cifar:resnet56": 32,
@@ -210,8 +240,14 @@ def run(
     checkpoint: dict[str, str] | None = None,
     trained: dict[str, str] | None = None,
     device: str = "cpu",
+    exits: list[str] = (),
+    exit_budget: float = 0.5,
+    exit_images: int = 256,
+    exit_rounds: int = 5,
 ) -> list[Row]:
-    """The benchmark; ``trained`` maps a model spec to a run folder whose gates to time too."""
+    """The benchmark; ``trained`` maps a model spec to a run folder whose gates to time too;
+    ``exits`` are exits run folders to time at ``exit_budget`` (``exit_rounds`` rounds over
+    ``exit_images`` test images each)."""
     on_gpu = resolve_device(device).type == "cuda"
     torch.set_num_threads(threads)
     rows: list[Row] = []
@@ -231,6 +267,11 @@ def run(
             pats["trained"] = lambda lc, s=state: lcsurgery.load_weights(lc, s)
         rows += bench_model(spec, model, size, batches, pats, rounds, warmup, device)
         print(format_table([r for r in rows if r.model == spec]), flush=True)
+    exit_rows = []
+    for run_dir in tqdm(exits, desc="exits runs"):
+        exit_rows += bench_exits(Path(run_dir), exit_budget, batches, exit_images, exit_rounds, threads, resolve_device(device))
+    if exit_rows:
+        print(format_exits_markdown(exit_rows), flush=True)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "threads": threads,
@@ -241,8 +282,8 @@ def run(
         "rounds": rounds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    out.with_suffix(".md").write_text(format_markdown(rows) + "\n")
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows], "exits": exit_rows}, indent=2))
+    out.with_suffix(".md").write_text(format_markdown(rows) + "\n" + (f"\n{format_exits_markdown(exit_rows)}\n" if exit_rows else ""))
     return rows
 
 

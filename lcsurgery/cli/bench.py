@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = p.add_subparsers(dest="benchmark", required=True)
     lat = sub.add_parser("latency", help="dense vs converted latency, interleaved in one process", description=latency.__doc__)
-    lat.add_argument("--models", nargs="+", default=list(latency.MODELS), help="model specs (CIFAR models run at 32x32, others at 224)")
+    lat.add_argument("--models", nargs="*", default=list(latency.MODELS), help="model specs (CIFAR models run at 32x32, others at 224); none: the exits rows alone")
     lat.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     lat.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
     lat.add_argument("--rounds", type=int, default=200, help="timed rounds per variant (each round runs every variant once)")
@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--checkpoint", nargs=2, action="append", metavar=("MODEL", "PATH"), help="weights for a model spec")
     lat.add_argument("--trained", nargs=2, action="append", metavar=("MODEL", "RUN_DIR"), help="also time the trained gates of a finetune run")
     lat.add_argument("--device", default="cpu", help="where to run: cpu, or cuda / cuda:N (timed with a synchronize after each call)")
+    lat.add_argument("--exits", nargs="+", default=[], metavar="RUN_DIR", help="exits runs (lcsurgery exits train) to time with and without their exits")
+    lat.add_argument("--exit-budget", type=float, default=0.5, help="the exits runs' MAC budget, a fraction of the dense MACs")
+    lat.add_argument("--exit-images", type=int, default=256, help="test images per exits run (each round runs them all)")
     lat.add_argument("--out", default="runs/bench/latency.json")
     ker = sub.add_parser("kernels", help="how much of a channel cut the conv kernels turn into time", description=kernels.__doc__)
     ker.add_argument("--models", nargs="+", default=list(latency.MODELS), help="model specs (CIFAR models run at 32x32, others at 224)")
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         latency.run(
             args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out),
             checkpoint=dict(args.checkpoint or []), trained=dict(args.trained or []), device=args.device,
+            exits=args.exits, exit_budget=args.exit_budget, exit_images=args.exit_images,
         )  # fmt: skip
     if args.benchmark == "kernels":
         kernels.run(args.models, args.batches, args.threads, args.rounds, args.warmup, Path(args.out))
