@@ -144,6 +144,8 @@ def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_t
     assert result["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9) and result["mac_fraction"] < report.ratio
     assert main(["exits", "train", "--run", str(gated), "--checkpoint", str(root / "r20.pt"), "--data", DATA, "--out", str(root / "bad")]) == 2
     assert "--run brings its own trained weights: drop --checkpoint and --pretrained" in capsys.readouterr().err
+    assert main(["exits", "train", "--run", str(gated), "--train-backbone", "--data", DATA, "--out", str(root / "bad")]) == 2
+    assert f"--train-backbone would train {gated}'s gates with no MAC budget" in capsys.readouterr().err and not (root / "bad").exists()
 
 
 def test_bench_latency_times_an_exits_run_per_batch_with_the_engines_macs(run, tmp_path):

@@ -29,6 +29,7 @@ from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits
 from lcsurgery.exits.policy import ExitScores, fit_scorer, score, simulate, threshold_policy
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
+from lcsurgery.surgery.model import LCModel
 from lcsurgery.train.distill import distill_loss
 from lcsurgery.train.distributed import resolve_device
 from lcsurgery.train.run_folder import load_run
@@ -89,6 +90,11 @@ def build_exit_model(cfg: ExitsConfig) -> ExitModel:
         model, _, run_classes = load_run(Path(cfg.run))
         if run_classes != len(classes):
             raise LCSurgeryError(f"{cfg.run} classifies {run_classes} classes, {cfg.data} has {len(classes)}")
+        if cfg.train_backbone and isinstance(model, LCModel):
+            raise LCSurgeryError(
+                f"--train-backbone would train {cfg.run}'s gates with no MAC budget to hold them to the one they were trained for: "
+                f"train the heads alone on a gated run (drop --train-backbone)"
+            )
     else:
         model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained)
         if cfg.checkpoint:
