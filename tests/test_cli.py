@@ -37,6 +37,8 @@ def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
         with Image.open(out / "figures" / f"{name}.png") as im:
             assert im.width >= 400 and im.height >= 300, name
     assert (out / "exits" / "exits_extremes.png").stat().st_size > 10_000
+    assert main(["compare", str(out / "parallel-50"), "--exits", str(out / "exits")]) == 2  # exits on another run's network
+    assert f"holds exits on {out / 'sequential-50'}, not on {out / 'parallel-50'}" in capsys.readouterr().err
     assert main(args) == 0  # finished runs are reused, not retrained
     assert "training" not in capsys.readouterr().out
 
