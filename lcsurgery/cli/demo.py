@@ -4,7 +4,7 @@ Offline by default: the built-in shapes task (generated on the fly) and a ResNet
 project trained on it and ships. The demo fine-tunes a dense baseline, LC-Net's gates made
 static and LC-Net at one MAC budget for each placement, trains early exits on the sequential
 run's network, prints the accuracy-MACs table and the placement comparison (paper Table 1, with
-CPU latency, and a row with the exits at 0.8 of the budget), and writes the figures. About 6
+CPU latency, and a row with the exits at 0.8 of the budget), and writes the figures: a few
 minutes on 2 CPU cores.
 
   lcsurgery demo
