@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 import lcsurgery
+from lcsurgery.bench.threads import num_threads
 from lcsurgery.data.loaders import make_loaders
 from lcsurgery.errors import LCSurgeryError
-from lcsurgery.exits.model import ExitModel
-from lcsurgery.exits.policy import set_budget
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.config import FinetuneConfig
-from lcsurgery.train.exits import exit_loaders, load_exit_run
+from lcsurgery.train.exits import exit_run_at_budget, run_exits
 from lcsurgery.train.run_folder import load_run
 
 
@@ -84,7 +83,7 @@ def compare(
     """The comparison for the run in ``run``; returns (and writes to ``run``) the table and numbers."""
     lc, cfg, classes = load_run(run)
     dense, dense_label = _dense_model(cfg, dense_run, classes)
-    exit_model = _exit_model(exits, run, exit_budget) if exits is not None else None
+    exit_model = exit_run_at_budget(exits, exit_budget, test_subset, on=run)[0] if exits is not None else None
     loaders = make_loaders(data or cfg.data, lc, 250, size=cfg.size, test_subset=test_subset)
     acc, macs = {}, {}
     preds = {}
@@ -100,13 +99,14 @@ def compare(
     models = {"dense": dense, "parallel": lc, "sequential": _copy_with_placement(lc, "sequential")}
     labels = {"dense": dense_label, "parallel": "LC-Net, parallel", "sequential": "LC-Net, sequential"}
     if exit_model is not None:
-        acc["exits"], macs["exits"] = _exits_accuracy_and_macs(exit_model, loaders.test)
+        r = run_exits(exit_model, loaders.test)
+        acc["exits"], macs["exits"] = float((r["prediction"] == r["label"]).double().mean()), float(r["macs"].double().mean())
         models["exits"] = exit_model
         labels["exits"] = f"LC-Net, {exit_model.backbone.placement}, with exits (budget {exit_budget})"
     images = torch.cat([x for x, _ in loaders.test])[:256]
-    torch.set_num_threads(threads)
     lc.placement = "parallel"
-    latency = {b: _latency(models, images, b, rounds if b == 1 else max(rounds // 5, 10)) for b in batches}
+    with num_threads(threads):
+        latency = {b: _latency(models, images, b, rounds if b == 1 else max(rounds // 5, 10)) for b in batches}
     rows = []
     for key, label in labels.items():
         lat = {b: latency[b][key] for b in batches}
@@ -124,27 +124,6 @@ def compare(
     (run / "compare.md").write_text(table + "\n")
     print(table)
     return result
-
-
-def _exit_model(exits: Path, run: Path, budget: float) -> ExitModel:
-    """The exits run's model with its policy set for ``budget`` on its held-out training images;
-    it must sit on ``run``'s network, or the row would compare another model."""
-    model, cfg = load_exit_run(exits)
-    if cfg.run is None or Path(cfg.run).resolve() != Path(run).resolve():
-        raise LCSurgeryError(f"{exits} holds exits on {cfg.run or cfg.model}, not on {run}: train them with lcsurgery exits train --run {run}")
-    _, held, _ = exit_loaders(cfg, model.backbone, test_subset=1)
-    set_budget(model, budget, calibration=held)
-    return model
-
-
-def _exits_accuracy_and_macs(model: ExitModel, loader) -> tuple[float, float]:
-    """Top-1 and mean MACs per image of the network with its exits, each image leaving at its exit."""
-    correct, macs = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            correct.append(model(x).argmax(1) == y)
-            macs.append(model.last_macs)
-    return float(torch.cat(correct).double().mean()), float(torch.cat(macs).double().mean())
 
 
 def _copy_with_placement(lc: nn.Module, placement: str) -> nn.Module:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lcsurgery.bench.threads import num_threads
 from lcsurgery.exits.model import ExitModel
 from lcsurgery.macs.dynamic import last_macs
 from lcsurgery.surgery.model import LCModel
@@ -27,39 +28,34 @@ def time_exits(
     """Time ``model`` (its policy set) and its backbone alone on ``images`` in batches of ``batch``
     (the last batch may be smaller); on a GPU each call ends with a synchronize."""
     device = torch.device(device)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     model.eval().to(device)
     gated = isinstance(model.backbone, LCModel)
     batches = [b.to(device) for b in images.split(batch)]
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     dense_s, exit_s, macs, base = [], [], [], []
-    try:
-        with torch.inference_mode():
-            for x in batches[: max(1, warmup // batch)]:
+    with num_threads(threads), torch.inference_mode():
+        for x in batches[: max(1, warmup // batch)]:
+            model.backbone(x)
+            model(x)
+        sync()
+        for r in tqdm(range(rounds), desc=f"timing exits at batch {batch}", leave=False):
+            d = e = 0.0
+            for x in batches:
+                t0 = time.perf_counter()
                 model.backbone(x)
+                sync()
+                t1 = time.perf_counter()
                 model(x)
-            sync()
-            for r in tqdm(range(rounds), desc=f"timing exits at batch {batch}", leave=False):
-                d = e = 0.0
-                for x in batches:
-                    t0 = time.perf_counter()
-                    model.backbone(x)
-                    sync()
-                    t1 = time.perf_counter()
-                    model(x)
-                    sync()
-                    t2 = time.perf_counter()
-                    d, e = d + t1 - t0, e + t2 - t1
-                    if r == 0:
-                        macs.append(model.last_macs.cpu())
-                        if gated:
-                            model.backbone(x)  # untimed: these images' own gated cost
-                            base.append(last_macs(model.backbone).cpu())
-                dense_s.append(d)
-                exit_s.append(e)
-    finally:
-        torch.set_num_threads(previous)
+                sync()
+                t2 = time.perf_counter()
+                d, e = d + t1 - t0, e + t2 - t1
+                if r == 0:
+                    macs.append(model.last_macs.cpu())
+                    if gated:
+                        model.backbone(x)  # untimed: these images' own gated cost
+                        base.append(last_macs(model.backbone).cpu())
+            dense_s.append(d)
+            exit_s.append(e)
     dense_time, exit_time = statistics.median(dense_s), statistics.median(exit_s)
     dense_macs = float(torch.cat(base).double().mean()) if gated else model.dense_macs(tuple(images.shape[1:]))
     exit_macs = float(torch.cat(macs).double().mean())

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 import lcsurgery
 from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.bench.floor import record_kernels, replay
-from lcsurgery.exits.policy import set_budget
+from lcsurgery.bench.threads import num_threads
 from lcsurgery.models.factory import create_model
 from lcsurgery.train.distributed import resolve_device
-from lcsurgery.train.exits import exit_loaders, load_exit_run
+from lcsurgery.train.exits import exit_run_at_budget
 
 
 @dataclass
@@ -202,9 +202,7 @@ def format_markdown(rows: list[Row]) -> str:
 def bench_exits(run: Path, budget: float, batches: list[int], images: int, rounds: int, threads: int, device: torch.device | str = "cpu") -> list[dict]:
     """One exits run at ``budget`` (policy set on its held-out training images) against its network
     without exits, on its first ``images`` test images, per batch size."""
-    model, cfg = load_exit_run(run)
-    _, held, test = exit_loaders(cfg, model.backbone, images)
-    set_budget(model, budget, calibration=held)
+    model, _, _, test = exit_run_at_budget(run, budget, images)
     x = torch.cat([b for b, _ in test])
     return [{"run": str(run), "budget": budget, **time_exits(model, x, rounds, threads, batch=b, device=device)} for b in batches]
 
@@ -249,27 +247,27 @@ def run(
     ``exits`` are exits run folders to time at ``exit_budget`` (``exit_rounds`` rounds over
     ``exit_images`` test images each)."""
     on_gpu = resolve_device(device).type == "cuda"
-    torch.set_num_threads(threads)
-    rows: list[Row] = []
-    patterns = {
-        "open": open_gates,
-        "skip30+half": lambda lc: force_pattern(lc, 0.3, 0.5),
-        "skip60+half": lambda lc: force_pattern(lc, 0.6, 0.5),
-    }
-    for spec in tqdm(models, desc="models"):
-        size = MODELS.get(spec, 224)
-        model = create_model(spec).eval()
-        if checkpoint and spec in checkpoint:
-            lcsurgery.load_weights(model, checkpoint[spec])
-        pats = dict(patterns)
-        if trained and spec in trained:
-            state = torch.load(Path(trained[spec]) / "model.pt", map_location="cpu", weights_only=True)
-            pats["trained"] = lambda lc, s=state: lcsurgery.load_weights(lc, s)
-        rows += bench_model(spec, model, size, batches, pats, rounds, warmup, device)
-        print(format_table([r for r in rows if r.model == spec]), flush=True)
-    exit_rows = []
-    for run_dir in tqdm(exits, desc="exits runs"):
-        exit_rows += bench_exits(Path(run_dir), exit_budget, batches, exit_images, exit_rounds, threads, resolve_device(device))
+    with num_threads(threads):
+        rows: list[Row] = []
+        patterns = {
+            "open": open_gates,
+            "skip30+half": lambda lc: force_pattern(lc, 0.3, 0.5),
+            "skip60+half": lambda lc: force_pattern(lc, 0.6, 0.5),
+        }
+        for spec in tqdm(models, desc="models"):
+            size = MODELS.get(spec, 224)
+            model = create_model(spec).eval()
+            if checkpoint and spec in checkpoint:
+                lcsurgery.load_weights(model, checkpoint[spec])
+            pats = dict(patterns)
+            if trained and spec in trained:
+                state = torch.load(Path(trained[spec]) / "model.pt", map_location="cpu", weights_only=True)
+                pats["trained"] = lambda lc, s=state: lcsurgery.load_weights(lc, s)
+            rows += bench_model(spec, model, size, batches, pats, rounds, warmup, device)
+            print(format_table([r for r in rows if r.model == spec]), flush=True)
+        exit_rows = []
+        for run_dir in tqdm(exits, desc="exits runs"):
+            exit_rows += bench_exits(Path(run_dir), exit_budget, batches, exit_images, exit_rounds, threads, resolve_device(device))
     if exit_rows:
         print(format_exits_markdown(exit_rows), flush=True)
     meta = {

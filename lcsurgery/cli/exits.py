@@ -28,9 +28,9 @@ import torch
 from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
-from lcsurgery.exits.policy import RULES, set_budget
+from lcsurgery.exits.policy import RULES
 from lcsurgery.models.factory import SPEC_HELP, create_model
-from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_summary, load_exit_run, sweep_run, train_exits
+from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_summary, run_exits, sweep_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
 
@@ -140,36 +140,25 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
     """Set the policy on the run's held-out images, then run the test images through the engine."""
     if budget is None and max_macs is None:
         raise LCSurgeryError("give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both")
-    model, cfg = load_exit_run(run)
-    _, held, test_loader = exit_loaders(cfg, model.backbone, test_subset)
+    model, cfg, policy, test_loader = exit_run_at_budget(run, budget, test_subset, max_macs, rule)
     test = test_loader.data
-    policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule)
-    preds, confidence, macs, exits, labels = [], [], [], [], []
-    with torch.no_grad():
-        for x, y in test_loader:
-            probs = model(x).float().softmax(1)
-            preds.append(probs.argmax(1).cpu())
-            confidence.append(probs.amax(1).cpu())
-            macs.append(model.last_macs)
-            exits.append(model.last_exit)
-            labels.append(y.cpu())
-    macs_t, exits_t, labels_t, preds_t = torch.cat(macs), torch.cat(exits), torch.cat(labels), torch.cat(preds)
+    r = run_exits(model, test_loader)
     from lcsurgery.viz.figures import exits_by_class, extreme_images
 
     names = [*(p.name for p in model.points), "own head"]
     what = " and ".join(x for x in (f"budget {budget}" if budget else "", f"at most {max_macs:,} MACs" if max_macs else "") if x)
-    figure_path = exits_by_class(exits_t, labels_t, test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
+    figure_path = exits_by_class(r["exit"], r["label"], test.classes, names, run / "exits_by_class.png", title=f"where each class leaves, {what}")
     dense = model.dense_macs()
     extremes_path = extreme_images(
-        test.images, macs_t, labels_t, preds_t, test.classes, run / "exits_extremes.png", dense=dense, confidence=torch.cat(confidence),
+        test.images, r["macs"], r["label"], r["prediction"], test.classes, run / "exits_extremes.png", dense=dense, confidence=r["confidence"],
         title=f"easiest and hardest test images, {what}: leaving first (most confident first) and last (least confident first)",
     )  # fmt: skip
     result = {
         "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None, "dense_macs": dense,
-        "test_images": len(macs_t), **exit_summary(preds_t == labels_t, exits_t, macs_t, dense, model.num_exits),
+        "test_images": len(r["macs"]), **exit_summary(r["prediction"] == r["label"], r["exit"], r["macs"], dense, model.num_exits),
     }  # fmt: skip
     shares = " / ".join(f"{100 * s:.0f}%" for s in result["exit_shares"])
-    print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {len(macs_t)} test images; "
+    print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {result['test_images']} test images; "
           f"per-image MACs p90/p10 {result['p90_over_p10']:.2f}, most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
     if latency:
         images = torch.cat([x for x, _ in exit_loaders(cfg, model.backbone, latency)[2]])

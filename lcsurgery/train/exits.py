@@ -26,7 +26,7 @@ from lcsurgery.data.loaders import ArrayLoader, normalization
 from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits
-from lcsurgery.exits.policy import ExitScores, fit_scorer, score, simulate, threshold_policy
+from lcsurgery.exits.policy import ExitScores, fit_scorer, score, set_budget, simulate, threshold_policy
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.surgery.model import LCModel
@@ -248,6 +248,36 @@ def policy_row(model: ExitModel, test: ExitScores, policy: ExitPolicy) -> dict:
     exit_of, macs = simulate(test, model.exit_costs(), policy)
     correct = test.prediction.gather(1, exit_of[:, None]).squeeze(1) == test.labels
     return {"threshold": policy.thresholds[0], **exit_summary(correct, exit_of, macs, model.dense_macs(), model.num_exits)}
+
+
+def exit_run_at_budget(
+    run: Path, budget: float | None, test_subset: int | None, max_macs: int | None = None, rule: str = "confidence", on: Path | None = None
+) -> tuple[ExitModel, ExitsConfig, ExitPolicy | None, ArrayLoader]:
+    """A finished exits run with its policy set for ``budget`` (and ``max_macs``) on its held-out
+    training images, its configuration and policy, and a loader of its first ``test_subset`` test
+    images. ``on``: the finetune run whose network the exits must sit on (checked before any scoring)."""
+    model, cfg = load_exit_run(run)
+    if on is not None and (cfg.run is None or Path(cfg.run).resolve() != Path(on).resolve()):
+        raise LCSurgeryError(f"{run} holds exits on {cfg.run or cfg.model}, not on {on}: train them with lcsurgery exits train --run {on}")
+    _, held, test = exit_loaders(cfg, model.backbone, test_subset)
+    policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule)
+    return model, cfg, policy, test
+
+
+def run_exits(model: ExitModel, loader: ArrayLoader) -> dict[str, torch.Tensor]:
+    """Every image of ``loader`` through the engine, each leaving at its exit: per image (on the CPU)
+    the prediction, its softmax probability, the exit taken, the MACs paid and the label."""
+    out: dict[str, list] = {"prediction": [], "confidence": [], "exit": [], "macs": [], "label": []}
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x, y in loader:
+            probs = model(x.to(device)).float().softmax(1)
+            out["prediction"].append(probs.argmax(1).cpu())
+            out["confidence"].append(probs.amax(1).cpu())
+            out["exit"].append(model.last_exit.cpu())
+            out["macs"].append(model.last_macs.cpu())
+            out["label"].append(y.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def exit_summary(correct: torch.Tensor, exit_of: torch.Tensor, macs: torch.Tensor, dense: int, num_exits: int) -> dict:
