@@ -133,6 +133,20 @@ def test_subset_is_class_balanced():
     assert torch.equal(torch.bincount(ds.subset(10).labels), torch.tensor([5, 5]))
 
 
+def test_held_out_training_images_never_reach_training_and_subsets_come_after(tmp_path, cache):
+    full = load_arrays("synthetic:600", "train")
+    rest, held = full.split(100)
+    loaders = make_loaders("synthetic:600", resnet20(), 50, held_out=100)
+    assert torch.equal(loaders.train.data.images, rest.images) and torch.equal(loaders.calibration.data.images, rest.images)
+    assert not (loaders.train.data.images.flatten(1)[:, None] == held.images.flatten(1)[None]).all(2).any()
+    assert len(make_loaders("synthetic:600", resnet20(), 50, held_out=100, train_subset=200).train.data) == 200
+    for split in ("train", "val"):
+        (tmp_path / "big" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (300, 300)).save(tmp_path / "big" / split / "cat" / "a.png")
+    with pytest.raises(lcsurgery.LCSurgeryError, match="holding out training images needs a dataset loaded as arrays"):
+        make_loaders(str(tmp_path / "big"), resnet20(), 50, held_out=100)
+
+
 def test_shared_cifar_and_pretrained_resnet20(shared):
     train = load_arrays(str(shared / "data" / "cifar10-jpg.tar.gz"), "train")
     assert train.images.shape == (50000, 3, 32, 32) and torch.equal(torch.bincount(train.labels), torch.full((10,), 5000))

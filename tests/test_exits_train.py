@@ -1,8 +1,10 @@
-"""Training exits on a frozen network, the budget sweep, and ``lcsurgery exits evaluate`` on the built-in task."""
+"""Training exits on a frozen network or together with it (``finetune --exits``), the budget sweep,
+and ``lcsurgery exits evaluate`` on the built-in task."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from lcsurgery.data.sources import load_arrays
 from lcsurgery.models.cifar_resnet import resnet20
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.exits import ExitsConfig, load_exit_run, train_exits
+from lcsurgery.train.loop import finetune
+from lcsurgery.train.run_folder import load_run
 from lcsurgery.viz.figures import extreme_picks
 
 DATA = "synthetic:1000"
@@ -173,3 +177,54 @@ def test_sweep_rescores_a_run_to_the_same_numbers(run, tmp_path):
     again = json.loads((folder / "metrics.json").read_text())
     assert [(r["budget"], r["threshold"], r["accuracy"]) for r in again["sweep"]] == [(r["budget"], r["threshold"], r["accuracy"]) for r in metrics["sweep"]]
     assert (folder / "sweep.png").exists() and (folder / "sweep.md").read_text().count("| MAC budget |") == 2
+
+
+TINY = str(Path(__file__).parent / "assets" / "tiny_model.py") + ":tiny"
+JOINT = ["--model", TINY, "--data", "synthetic:600", "--test-subset", "100", "--batch-size", "50", "--epochs", "2", "--budget", "0.7", "--placement", "sequential"]
+
+
+@pytest.fixture(scope="module")
+def joint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint") / "run"
+    assert main(["finetune", *JOINT, "--exits", "--exit-held-out", "100", "--out", str(out)]) == 0
+    return out
+
+
+def test_finetune_with_exits_writes_an_exits_run_on_its_own_trained_network(joint, capsys):
+    metrics = json.loads((joint / "metrics.json").read_text())
+    exits, cfg = load_exit_run(joint / "exits")
+    network, _, _ = load_run(joint)
+    assert cfg.joint and cfg.run == str(joint) and cfg.held_out == 100 and cfg.epochs == 2
+    assert exits.backbone.state_dict().keys() == network.state_dict().keys()
+    assert all(torch.equal(exits.backbone.state_dict()[k], v) for k, v in network.state_dict().items())
+    assert metrics["exits"]["run"] == str(joint / "exits") and len(metrics["exits"]["exit_accuracy"]) == exits.num_exits + 1
+    assert metrics["exits"]["exit_accuracy"][-1] == pytest.approx(metrics["val_accuracy"], abs=1.5 / 100)  # the network's own head on the same test images
+    log = [json.loads(line) for line in (joint / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["exit_accuracy_held_out"]) == exits.num_exits + 1 for r in log)
+    assert {"heads", "heads_optimizer", "heads_scheduler"} <= set(torch.load(joint / "last.pt", weights_only=True))
+    sweep = json.loads((joint / "exits" / "metrics.json").read_text())
+    budget = min(r["budget"] for r in sweep["sweep"])
+    assert main(["exits", "evaluate", str(joint / "exits"), "--budget", str(budget), "--test-subset", "100"]) == 0
+    result = json.loads((joint / "exits" / "evaluate.json").read_text())
+    assert result["mac_fraction"] == pytest.approx(next(r for r in sweep["sweep"] if r["budget"] == budget)["mac_fraction"], abs=1e-9)
+
+
+def test_the_heads_loss_trains_the_heads_and_reaches_the_network(joint, tmp_path):
+    """The same run with the heads' loss weighted 0 (same seed, data order and head initialisation):
+    the heads end elsewhere, and so does the network (with the heads' loss detached from it, the
+    two networks would be equal)."""
+    still = tmp_path / "still"
+    assert main(["finetune", *JOINT, "--exits", "--exit-held-out", "100", "--exit-weight", "0", "--out", str(still)]) == 0
+    a = torch.load(joint / "exits" / "model.pt", weights_only=True)
+    b = torch.load(still / "exits" / "model.pt", weights_only=True)
+    heads = [k for k in a if k.startswith("heads.")]
+    network = [k for k in a if k.startswith("backbone.") and a[k].is_floating_point()]
+    assert heads and not any(torch.equal(a[k], b[k]) for k in heads if k.endswith("fc.weight"))
+    assert not all(torch.equal(a[k], b[k]) for k in network)
+
+
+def test_finetune_exits_refuses_what_it_cannot_do(tmp_path, capsys):
+    assert main(["finetune", *JOINT, "--exits", "--exit-held-out", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--exit-held-out must be positive" in capsys.readouterr().err
+    assert main(["finetune", *JOINT, "--exits", "layer9.9", "--out", str(tmp_path / "b")]) == 2
+    assert "no exit can go after 'layer9.9'" in capsys.readouterr().err

@@ -3,7 +3,9 @@
 Examples:
   lcsurgery finetune --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --budget 0.5 --out runs/r20-b50
   lcsurgery finetune --model timm:resnet50 --pretrained --data cifar10.tar.gz --size 96 --placement sequential --l1 0.5 --epochs 5 --out runs/r50
-  torchrun --nproc_per_node 4 -m lcsurgery.cli finetune ...   (multi-GPU / multi-node)
+  lcsurgery finetune --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --budget 0.7 --placement sequential --exits --out runs/r20-exits
+      (gates and early exits trained together; then: lcsurgery exits evaluate runs/r20-exits/exits --budget 0.5)
+  torchrun --nproc_per_node 4 -m lcsurgery.cli finetune ...   (multi-GPU / multi-node; not with --exits)
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
         add("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")
         add("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
         add("--force", action="store_true", help="overwrite a run already in --out")
+        add("--exits", nargs="*", metavar="AT", help="train early exits with the network: at 'macs' (the default: 15, 30, ..., 90%% of the MACs), MAC fractions or block names; writes OUT/exits, an exits run (lcsurgery exits evaluate OUT/exits --budget B)")
+        add("--exit-hidden", type=int, help="width of a hidden layer in each exit head (0: a linear head)")
+        add("--exit-lr", type=float, help="the exit heads' learning rate (Adam, cosine)")
+        add("--exit-weight", type=float, help="weight of the exit heads' mean loss beside the network's own")
+        add("--exit-held-out", type=int, help="training images kept out of training to set the exit policy on (with --exits)")
     add("--gates", choices=GATE_KINDS, help="gates per block: both (the default), layer (skip whole blocks only) or channel (skip channels only)")
     add("--per-image-loss", choices=PER_IMAGE_LOSSES, help="what makes the gates decide per image: importance (targets from activation mass), shaping (batch-shaping), or none")
     add("--per-image-weight", type=float, help="weight of --per-image-loss in the loss")

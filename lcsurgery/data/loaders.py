@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lcsurgery.data.arrays import ArrayDataset
 from lcsurgery.data.sources import is_small_tree, load_arrays
+from lcsurgery.errors import LCSurgeryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,17 +142,22 @@ def make_loaders(
     train_subset: int | None = None,
     test_subset: int | None = None,
     workers: int = 2,
+    held_out: int | None = None,
 ) -> Loaders:
     """Loaders for ``spec`` (see ``lcsurgery.data.sources``), normalised as ``model`` expects.
 
     ``size`` resizes inputs (e.g. CIFAR at 64 px for an ImageNet model); large-image trees are
-    cropped to it (default: the model's configured input size, else 224).
+    cropped to it (default: the model's configured input size, else 224). ``held_out`` training
+    images (the split ``ArrayDataset.split`` makes) are left out of training, before ``train_subset``.
     """
     mean, std = normalization(model)
     path = Path(spec)
     if path.is_dir() and not is_small_tree(path):
+        if held_out:
+            raise LCSurgeryError(f"{spec} is an ImageFolder tree streamed from disk: holding out training images needs a dataset loaded as arrays (a .tar.gz, cifar10:<dir> or a small tree)")
         return _image_folder_loaders(path, batch_size, mean, std, size or _model_size(model), rank, world, workers)
-    train = load_arrays(spec, "train").subset(train_subset)
+    train = load_arrays(spec, "train")
+    train = (train.split(held_out)[0] if held_out else train).subset(train_subset)
     test = load_arrays(spec, "test").subset(test_subset)
     common = dict(mean=mean, std=std, size=size, seed=seed, rank=rank, world=world)
     return Loaders(

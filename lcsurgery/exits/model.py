@@ -30,7 +30,7 @@ from lcsurgery.fx.tracer import training_mode
 from lcsurgery.macs.static import CallModule, fvcore_macs, probing, static_costs
 from lcsurgery.surgery.block import GatedBlock
 from lcsurgery.surgery.convert import resolve_input_size, tensor_kwargs, trace_with_shapes
-from lcsurgery.surgery.model import GATE_PREFIX, LCModel, unwrap
+from lcsurgery.surgery.model import GATE_PREFIX, LCModel, record_input_size, unwrap
 
 # Shallow-Deep Networks' exit places: these fractions of the network's MACs.
 SDN_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
@@ -182,8 +182,11 @@ class ExitModel(nn.Module):
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         """Every exit's logits and last the network's own, for the whole batch (training, calibration).
-        Records ``last_exit_costs`` [B, exits + 1]: what each image would cost leaving at each exit."""
+        Records ``last_exit_costs`` [B, exits + 1]: what each image would cost leaving at each exit,
+        and for a gated backbone its input size, so its gates' MACs and penalties read this batch."""
         outs, spent, size = [], [], tuple(x.shape[1:])
+        if self._gated:
+            record_input_size(self.backbone, (x,))
         heads = self._counts(size).heads
         total = torch.zeros(len(x), dtype=torch.long)
         for i in range(self.num_exits):

@@ -49,7 +49,7 @@ class LCModel(nn.Module):
         object.__setattr__(self, "lc_graph_module", code)
         for block in blocks:
             object.__setattr__(block, "root", self)
-        self.register_forward_pre_hook(_record_input_size)
+        self.register_forward_pre_hook(record_input_size)
         self.register_load_state_dict_post_hook(_drop_plans)
         # The generated forward runs with this model as ``self``; a per-instance subclass gives it
         # the graph's real signature, so the model can be traced or exported again.
@@ -107,8 +107,9 @@ def _drop_plans(model: LCModel, *_: object) -> None:
         b.engine = None
 
 
-def _record_input_size(model: LCModel, args: tuple) -> None:
-    """Remember the input size of each forward, so its MACs can be read without another pass."""
+def record_input_size(model: LCModel, args: tuple) -> None:
+    """Remember the input size of each forward, so its MACs can be read without another pass (a
+    forward pre-hook; code that runs the model's blocks without its forward, as exit segments do, calls it)."""
     if args and isinstance(args[0], Tensor) and args[0].dim() == 4 and not isinstance(args[0], fx.Proxy):
         model.__dict__["lc_last_input_size"] = tuple(args[0].shape[1:])
 

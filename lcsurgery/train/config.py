@@ -57,6 +57,11 @@ class FinetuneConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     amp: bool = False
+    exits: list | None = None  # early exits trained with the network: "macs", MAC fractions or block names (add_exits' ``at``); [] is "macs"
+    exit_hidden: int = 0  # width of a hidden layer in each exit head (0: SDN's linear head)
+    exit_lr: float = 3e-3  # the heads' (Adam, cosine to zero)
+    exit_weight: float = 1.0  # weight of the heads' mean loss beside the network's own
+    exit_held_out: int = 5000  # training images kept out of training, to set the exit policy on
     seed: int = 0
     resume: bool = False
     force: bool = False
@@ -91,6 +96,10 @@ class FinetuneConfig:
                 f"--freeze-gates is the share of training after which the gates stop learning and must be in "
                 f"(--budget-ramp, 1] = ({self.budget_ramp}, 1], got {self.freeze_gates}: the MAC target must reach the budget first"
             )
+        if self.exits is not None:
+            self.exits = [str(a) for a in self.exits] or ["macs"]
+            if self.exit_held_out < 1 or self.exit_weight < 0 or self.exit_hidden < 0:
+                raise LCSurgeryError("--exit-held-out must be positive, --exit-weight and --exit-hidden not negative")
         if self.epochs < 1 or self.batch_size < 1:
             raise LCSurgeryError("--epochs and --batch-size must be positive")
 

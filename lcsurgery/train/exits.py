@@ -62,6 +62,7 @@ class ExitsConfig:
     seed: int = 0
     force: bool = False
     device: str | None = None  # where to train and score: None picks the GPU when one is visible, as finetune does
+    joint: bool = False  # the heads were trained together with the network of ``run`` (lcsurgery finetune --exits)
 
     def __post_init__(self) -> None:
         self.at = tuple(self.at)  # the CLI and config.json give a list
@@ -71,13 +72,14 @@ class ExitsConfig:
             raise LCSurgeryError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
 
 
-def _at(cfg: ExitsConfig) -> str | list:
-    if list(cfg.at) == ["macs"]:
+def exit_places(at: tuple | list) -> str | list:
+    """``add_exits``' ``at`` from the words of a config or command line: "macs", fractions or names."""
+    if list(at) == ["macs"]:
         return "macs"
     try:
-        return [float(a) for a in cfg.at]
+        return [float(a) for a in at]
     except (TypeError, ValueError):
-        return list(cfg.at)
+        return list(at)
 
 
 def build_exit_model(cfg: ExitsConfig) -> ExitModel:
@@ -102,7 +104,7 @@ def build_exit_model(cfg: ExitsConfig) -> ExitModel:
         elif not cfg.pretrained:
             raise LCSurgeryError("exits train the heads of a trained network and leave it frozen: pass --checkpoint, --pretrained or --run")
     size = (3, cfg.size, cfg.size) if cfg.size else None  # None: the model's own, as convert resolves it
-    exits = add_exits(model.eval(), _at(cfg), input_size=size, hidden=cfg.hidden)
+    exits = add_exits(model.eval(), exit_places(cfg.at), input_size=size, hidden=cfg.hidden)
     for p in exits.backbone.parameters():
         p.requires_grad_(False)
     return exits
@@ -191,7 +193,7 @@ def write_sweep(model: ExitModel, cfg: ExitsConfig, held: ExitScores, test: Exit
     (out / "sweep.md").write_text(format_sweep(metrics) + "\n")
     from lcsurgery.viz.figures import exit_sweep_plot, exits_by_class
 
-    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of {'training' if cfg.train_backbone else 'head training'}")
+    exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of {'joint training' if cfg.joint else 'training' if cfg.train_backbone else 'head training'}")
     half = next((r for r in metrics["sweep"] if r["budget"] == 0.5), None)
     if half is not None:
         exit_of, _ = simulate(test, model.exit_costs(), ExitPolicy((half["threshold"],) * model.num_exits))
@@ -227,7 +229,12 @@ def exit_loss(model: ExitModel, x: torch.Tensor, y: torch.Tensor, distill_weight
         outs = model.forward_exits(x)
         with torch.no_grad():
             target = teacher(x)
-    losses = [(1 - distill_weight) * F.cross_entropy(o, y) + distill_weight * distill_loss(o, target, temperature) for o in outs]
+    return heads_loss(outs, y, target, distill_weight, temperature)
+
+
+def heads_loss(outs: list[torch.Tensor], y: torch.Tensor, target: torch.Tensor, distill_weight: float, temperature: float) -> torch.Tensor:
+    """Mean over the heads' logits ``outs`` of (1 - w) cross-entropy + w distillation from ``target``."""
+    losses = [(1 - distill_weight) * F.cross_entropy(o, y) + distill_weight * distill_loss(o.float(), target.float(), temperature) for o in outs]
     return torch.stack(losses).mean()
 
 

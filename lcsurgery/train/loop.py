@@ -5,10 +5,16 @@ mode with hard gates, append a line to ``log.jsonl`` and write ``last.pt``. At t
 ``model.pt`` (weights only) and ``metrics.json``. ``resume=True`` continues a killed run from
 its last finished epoch; a run is reproducible from its config. Under torchrun every rank runs
 this loop on its shard and rank 0 writes the run folder.
+
+With ``exits``, early-exit heads train together with the network (and its gates): each head by
+cross-entropy and distillation from the network's own output, on the training images less a
+held-out part, which then sets the exit policy; the run folder gets ``exits/``, an exits run
+(``lcsurgery exits evaluate OUT/exits --budget B``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -23,6 +29,8 @@ from tqdm.auto import tqdm
 from lcsurgery.data.loaders import make_loaders
 from lcsurgery.data.sources import dataset_classes
 from lcsurgery.errors import LCSurgeryError
+from lcsurgery.exits.model import ExitModel, add_exits
+from lcsurgery.exits.policy import score
 from lcsurgery.macs.dynamic import last_macs
 from lcsurgery.macs.static import static_costs
 from lcsurgery.train import distributed
@@ -32,9 +40,10 @@ from lcsurgery.train.conditional import conditional_loss
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.distill import build_teacher, distill_loss
 from lcsurgery.train.evaluate import cost_gap, evaluate, first_images
+from lcsurgery.train.exits import ExitsConfig, exit_accuracies, exit_loaders, exit_places, heads_loss, write_sweep
 from lcsurgery.train.optim import make_optimizer, make_scheduler
 from lcsurgery.train.regularize import gate_l1, macs_penalty
-from lcsurgery.train.run_folder import STRUCTURE_FILE, prepare_out, save
+from lcsurgery.train.run_folder import EXITS_FOLDER, STRUCTURE_FILE, prepare_out, save
 from lcsurgery.train.schedule import gates_frozen, noise_factor, set_gate_training
 
 STEP_LOG_EVERY = 10
@@ -63,6 +72,12 @@ class _Run:
         saved = Path(cfg.out) / STRUCTURE_FILE
         structure = json.loads(saved.read_text()) if cfg.resume and cfg.prune is not None and saved.exists() else None
         self.model = build_model(cfg, num_classes, structure).to(d.device)
+        self.exits: ExitModel | None = None
+        if cfg.exits is not None:
+            if d.world > 1:
+                raise LCSurgeryError("--exits trains on one process: run it without torchrun")
+            self.exits = add_exits(self.model, exit_places(cfg.exits), input_size=(3, cfg.size, cfg.size) if cfg.size else None, hidden=cfg.exit_hidden)
+            self.model = self.exits.backbone  # add_exits copies the network: train the copy its segments run
         pruned = getattr(self.model, "lc_pruned", None)
         self.reference_macs = pruned["reference_macs"] if pruned else None
         with torch.random.fork_rng(devices=[]):  # the teacher's throwaway initialisation leaves the run's random stream alone
@@ -79,14 +94,19 @@ class _Run:
             )
         self.loaders = make_loaders(
             cfg.data, self.model, cfg.batch_size, size=cfg.size, seed=cfg.seed, rank=d.rank, world=d.world,
-            train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=cfg.workers,
+            train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=cfg.workers, held_out=cfg.exit_held_out if cfg.exits is not None else None,
         )  # fmt: skip
+        if self.exits is not None:
+            _, self.held, self.exit_test = exit_loaders(self._exits_config(), self.model, cfg.test_subset)
         self.lc = self.model if cfg.gated else None
         ddp = d.world > 1
         self.train_model = DistributedDataParallel(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if ddp else self.model
         self.steps = cfg.epochs * len(self.loaders.train)
         self.opt = make_optimizer(self.model, cfg, self.steps)
         self.sched = make_scheduler(self.opt, self.steps, cfg.freeze_gates)
+        if self.exits is not None:
+            self.head_opt = torch.optim.Adam(self.exits.heads.parameters(), lr=cfg.exit_lr)
+            self.head_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.head_opt, self.steps)
         self.controller = BudgetController(cfg.budget, strength=cfg.l1 or 1.0, ramp=cfg.budget_ramp) if cfg.gated and cfg.budget is not None else None
         self.landing: dict | None = None  # what land() did when the gates froze (None: not yet)
         self.scaler = torch.amp.GradScaler(enabled=cfg.amp and d.device.type == "cuda")
@@ -101,6 +121,10 @@ class _Run:
         except ValueError as exc:  # e.g. parameter groups laid out by another lcsurgery version
             raise LCSurgeryError(f"cannot resume {self.out}: its optimiser state does not fit this optimiser ({exc}); start again with --force") from exc
         self.sched.load_state_dict(state["scheduler"])
+        if self.exits is not None:
+            self.exits.heads.load_state_dict(state["heads"])
+            self.head_opt.load_state_dict(state["heads_optimizer"])
+            self.head_sched.load_state_dict(state["heads_scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
             self.landing = state.get("landing")
@@ -123,6 +147,8 @@ class _Run:
             metrics = evaluate(self.model, self.loaders, self.cfg.placement, not self.cfg.gated, self.reference_macs)
         save(self.out / "model.pt", self.model.state_dict())
         cfg = self.cfg
+        if self.exits is not None:
+            metrics = {**metrics, "exits": self._write_exits()}
         final = {
             **metrics, "placement": cfg.placement if cfg.gated else None, "prune": cfg.prune, "epochs": cfg.epochs, "model": cfg.model, "data": cfg.data,
             "budget": cfg.budget, "l1": cfg.l1, "world_size": self.d.world, "ranks_identical": in_sync,
@@ -146,6 +172,8 @@ class _Run:
         t0 = time.time()
         self.loaders.train.set_epoch(epoch)
         self.train_model.train()
+        if self.exits is not None:
+            self.exits.heads.train()
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not d.main, dynamic_ncols=True)
@@ -161,6 +189,8 @@ class _Run:
             eval_fraction, train_fraction = cost_gap(self.model, self.loaders, cfg.placement) if d.main else (0.0, 0.0)
             self.controller.calibrate(d.broadcast(eval_fraction), d.broadcast(train_fraction))
             metrics["mac_fraction_train_images"] = {"eval": eval_fraction, "training": train_fraction}
+        if self.exits is not None:
+            metrics["exit_accuracy_held_out"] = exit_accuracies(score(self.exits, self.held, progress=False))
         if d.main:
             self._log_epoch(epoch, metrics, loss_sum / seen, correct / seen, time.time() - t0)
         d.barrier()
@@ -176,13 +206,17 @@ class _Run:
             noise = cfg.gate_noise * noise_factor(progress, cfg.budget_ramp, cfg.freeze_gates)
             set_gate_training(lc, noise, 0.0 if frozen else cfg.gate_input_momentum, cfg.per_image_loss == "importance")
         with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
-            logits = self.train_model(x)
+            outs = self.exits.forward_exits(x) if self.exits is not None else [self.train_model(x)]
+            logits = outs[-1]
             loss = F.cross_entropy(logits, y)
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
                 w = cfg.distill_weight
                 loss = (1 - w) * loss + w * distill_loss(logits.float(), teacher_logits.float(), cfg.distill_temperature)
+            if self.exits is not None:
+                defaults = ExitsConfig  # the heads learn as lcsurgery exits train teaches them, from the network's own output
+                loss = loss + cfg.exit_weight * heads_loss(outs[:-1], y, logits.detach(), defaults.distill_weight, defaults.distill_temperature)
         info: dict = {}
         if lc is not None:
             frac = d.mean(float(last_macs(lc).double().mean()) / static_costs(lc, tuple(x.shape[1:])).dense)
@@ -205,11 +239,16 @@ class _Run:
                 f"stopped instead of training on NaN. {self.out / 'last.pt'} holds {last}. Rerun with a lower --lr or --gate-lr "
                 f"(see steps.jsonl for the loss and penalty strength before it)"
             )
-        self.opt.zero_grad(set_to_none=True)
+        opts = [self.opt] if self.exits is None else [self.opt, self.head_opt]
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
+        for opt in opts:
+            self.scaler.step(opt)
         self.scaler.update()
         self.sched.step()
+        if self.exits is not None:
+            self.head_sched.step()
         return logits, loss_value, info
 
     def _land(self) -> None:
@@ -241,5 +280,26 @@ class _Run:
         if self.controller is not None:
             state["controller"] = self.controller.state_dict()
             state["landing"] = self.landing
+        if self.exits is not None:
+            state.update(heads=self.exits.heads.state_dict(), heads_optimizer=self.head_opt.state_dict(), heads_scheduler=self.head_sched.state_dict())
         save(self.out / "last.pt", state)
-        print(f"epoch {epoch + 1}: val accuracy {metrics['val_accuracy']:.4f}, MACs {metrics['mac_fraction']:.3f} of dense")
+        heads = f", held-out accuracy per exit {' '.join(f'{a:.3f}' for a in metrics['exit_accuracy_held_out'])}" if self.exits is not None else ""
+        print(f"epoch {epoch + 1}: val accuracy {metrics['val_accuracy']:.4f}, MACs {metrics['mac_fraction']:.3f} of dense{heads}")
+
+    def _exits_config(self) -> ExitsConfig:
+        """The exits run ``OUT/exits`` this run makes: its heads on this run's network, held out as trained."""
+        cfg = self.cfg
+        return ExitsConfig(
+            model=cfg.model, data=cfg.data, run=str(self.out), out=str(self.out / EXITS_FOLDER), at=tuple(cfg.exits), hidden=cfg.exit_hidden, epochs=cfg.epochs,
+            batch_size=cfg.batch_size, lr=cfg.exit_lr, held_out=cfg.exit_held_out, size=cfg.size, test_subset=cfg.test_subset, seed=cfg.seed, joint=True,
+        )  # fmt: skip
+
+    def _write_exits(self) -> dict:
+        """Write ``OUT/exits`` (config, heads with the network, the budget sweep); the summary for metrics.json."""
+        ecfg = self._exits_config()
+        out = Path(ecfg.out)
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(ecfg), indent=2))
+        save(out / "model.pt", self.exits.state_dict())
+        sweep = write_sweep(self.exits, ecfg, score(self.exits, self.held), score(self.exits, self.exit_test), self.loaders.classes, None)
+        return {"run": str(out), "exit_accuracy": sweep["exit_accuracy"], "best_within_1_point": sweep["best_within_1_point"], "best_within_3_points": sweep["best_within_3_points"]}

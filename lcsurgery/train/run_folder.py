@@ -2,13 +2,15 @@
 
 ``config.json`` (the run's identity), ``log.jsonl`` (one line per epoch), ``steps.jsonl``
 (controller trace), ``last.pt`` (everything needed to resume after a kill), ``model.pt``
-(weights only, no pickled code), ``metrics.json``, and for a pruned baseline ``structure.json``. Nothing is overwritten without ``force``.
+(weights only, no pickled code), ``metrics.json``, for a pruned baseline ``structure.json``, and
+for a run with exits ``exits/`` (an exits run on this run's network). Nothing is overwritten without ``force``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from lcsurgery.train.build import build_model
 from lcsurgery.train.config import FinetuneConfig
 
 STRUCTURE_FILE = "structure.json"  # a pruned run's channel counts, to rebuild its model
+EXITS_FOLDER = "exits"  # the exits run a finetune --exits run makes inside its folder
 RUN_FILES = ("config.json", "log.jsonl", "steps.jsonl", "last.pt", "model.pt", "metrics.json", STRUCTURE_FILE)
 
 
@@ -43,6 +46,7 @@ def prepare_out(cfg: FinetuneConfig) -> Path:
     if existing:
         for f in existing:
             (out / f).unlink()
+        shutil.rmtree(out / EXITS_FOLDER, ignore_errors=True)  # the exits of the run being overwritten
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.identity(), indent=2))
     return out
