@@ -204,7 +204,7 @@ def test_finetune_with_exits_writes_an_exits_run_on_its_own_trained_network(join
     assert {"heads", "heads_optimizer", "heads_scheduler"} <= set(torch.load(joint / "last.pt", weights_only=True))
     sweep = json.loads((joint / "exits" / "metrics.json").read_text())
     budget = min(r["budget"] for r in sweep["sweep"])
-    assert main(["exits", "evaluate", str(joint / "exits"), "--budget", str(budget), "--test-subset", "100"]) == 0
+    assert main(["exits", "evaluate", str(joint), "--budget", str(budget), "--test-subset", "100"]) == 0  # the finetune run stands for its exits
     result = json.loads((joint / "exits" / "evaluate.json").read_text())
     assert result["mac_fraction"] == pytest.approx(next(r for r in sweep["sweep"] if r["budget"] == budget)["mac_fraction"], abs=1e-9)
 
@@ -224,6 +224,9 @@ def test_the_heads_loss_trains_the_heads_and_reaches_the_network(joint, tmp_path
 
 
 def test_finetune_exits_refuses_what_it_cannot_do(tmp_path, capsys):
+    assert main(["finetune", *JOINT, "--epochs", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert main(["exits", "evaluate", str(tmp_path / "plain"), "--budget", "0.5"]) == 2
+    assert f"{tmp_path / 'plain'} is a finetune run without exits: train them with lcsurgery exits train --run" in capsys.readouterr().err
     assert main(["finetune", *JOINT, "--exits", "--exit-held-out", "0", "--out", str(tmp_path / "a")]) == 2
     assert "--exit-held-out must be positive" in capsys.readouterr().err
     assert main(["finetune", *JOINT, "--exits", "layer9.9", "--out", str(tmp_path / "b")]) == 2

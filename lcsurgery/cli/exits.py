@@ -1,9 +1,10 @@
-"""Early exits on a trained network, gated or not: train the heads (network frozen), then set a MAC budget at inference.
+"""Early exits on a trained network, gated or not: train the heads (network frozen; finetune --exits trains them with it), then set a MAC budget at inference.
 
 Examples:
   lcsurgery exits train --model cifar:resnet20 --checkpoint r20.th --data cifar10.tar.gz --epochs 5 --out runs/exits/r20
   lcsurgery exits train --run runs/tradeoff/sequential-70 --data cifar10.tar.gz --out runs/exits/gated   (exits and gates)
   lcsurgery exits evaluate runs/exits/r20 --budget 0.4
+  lcsurgery exits evaluate runs/r20-exits --budget 0.4   (a finetune --exits run: the exits in it)
   lcsurgery exits evaluate runs/exits/r20 --max-macs 20000000
   lcsurgery exits evaluate runs/exits/r20 --budget 0.5 --policy learned   (Bolukbasi et al.'s learned exit decision)
   lcsurgery exits sweep runs/exits/r20      (rescore and rewrite the sweep, both policy rules)
@@ -30,7 +31,7 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
 from lcsurgery.exits.policy import RULES
 from lcsurgery.models.factory import SPEC_HELP, create_model
-from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_summary, run_exits, sweep_run, train_exits
+from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_run_folder, exit_summary, run_exits, sweep_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
 
@@ -57,16 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
     tr.add_argument("--device", help="where to train: cpu, cuda or cuda:N (default: the GPU when one is visible)")
     ev = sub.add_parser("evaluate", help="set a MAC budget (or a per-image cap) and run the test set through the exits")
-    ev.add_argument("run", help="an exits run folder")
+    ev.add_argument("run", help="an exits run folder (or a finetune --exits run: the exits in it)")
     ev.add_argument("--budget", type=float, help="mean MACs per image as a fraction of the network without exits")
     ev.add_argument("--max-macs", type=int, help="no image may cost more MACs than this")
     ev.add_argument("--test-subset", type=int, help="test images to run (class-balanced; default all)")
     ev.add_argument("--latency", type=int, metavar="N", help="also time N test images at batch 1 on the CPU, with and without exits (one thread)")
     ev.add_argument("--policy", choices=RULES, default="confidence", help="threshold each head's confidence, or a learned exit-or-go-on score (fitted on the held-out images)")
     sw = sub.add_parser("sweep", help="score a run's held-out and test images again and rewrite its sweep (both policy rules)")
-    sw.add_argument("run", help="an exits run folder")
+    sw.add_argument("run", help="an exits run folder (or a finetune --exits run: the exits in it)")
     fg = sub.add_parser("figure", help="redraw a run's sweep, beside the separately trained points of a bench tradeoff folder")
-    fg.add_argument("run", help="an exits run folder")
+    fg.add_argument("run", help="an exits run folder (or a finetune --exits run: the exits in it)")
     fg.add_argument("--tradeoff", help="a bench tradeoff folder (its results.json): static, Torch-Pruning and gated runs per budget")
     fg.add_argument("--also", nargs="+", default=[], help="other exits runs whose budget knob to draw beside RUN's (e.g. exits on a static or pruned run)")
     fg.add_argument("--out", help="the PNG to write (default: RUN/sweep.png)")
@@ -94,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = ExitsConfig(**{k: v for k, v in vars(args).items() if k in fields})
         train_exits(cfg)
         return 0
+    args.run = exit_run_folder(Path(args.run))  # a finetune --exits run stands for the exits run in it
     if args.action == "sweep":
-        sweep_run(Path(args.run))
+        sweep_run(args.run)
         return 0
     if args.action == "figure":
-        return figure(Path(args.run), Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None, [Path(a) for a in args.also])
-    return evaluate(Path(args.run), args.budget, args.max_macs, args.test_subset, args.latency, args.policy)
+        return figure(args.run, Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None, [Path(a) for a in args.also])
+    return evaluate(args.run, args.budget, args.max_macs, args.test_subset, args.latency, args.policy)
 
 
 def _finished_sweep(run: Path) -> tuple[dict, dict]:
@@ -130,7 +132,7 @@ def figure(run: Path, tradeoff: Path | None, out: Path | None, also: list[Path] 
         if not (tradeoff / "results.json").exists():
             raise LCSurgeryError(f"{tradeoff} has no results.json: run lcsurgery bench tradeoff (or --report-only) there first")
         trained = json.loads((tradeoff / "results.json").read_text())["groups"]
-    title = f"{cfg['model']} with exits ({'network trained with them' if cfg.get('train_backbone') else 'network frozen'}, {cfg['epochs']} epochs)"
+    title = f"{cfg['model']} with exits ({'network trained with them' if cfg.get('train_backbone') or cfg.get('joint') else 'network frozen'}, {cfg['epochs']} epochs)"
     label = _network_name(cfg) if others else "exits, one model"
     print(f"wrote {exit_sweep_plot(metrics, out or run / 'sweep.png', title=title, trained=trained, others=others, label=label)}")
     return 0

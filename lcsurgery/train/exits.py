@@ -32,7 +32,7 @@ from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.surgery.model import LCModel
 from lcsurgery.train.distill import distill_loss
 from lcsurgery.train.distributed import resolve_device
-from lcsurgery.train.run_folder import load_run
+from lcsurgery.train.run_folder import EXITS_FOLDER, load_run
 
 SWEEP = tuple(round(0.2 + 0.05 * i, 2) for i in range(17))  # 0.20 ... 1.00
 
@@ -380,9 +380,24 @@ def _sweep_table(m: dict) -> list[str]:
     return lines
 
 
+def exit_run_folder(run: Path) -> Path:
+    """``run`` itself if it is an exits run; for a ``finetune --exits`` run, the exits run inside it."""
+    run = Path(run)
+    inner = run / EXITS_FOLDER
+    if (inner / "config.json").exists() and not _is_exits_run(run):
+        return inner
+    return run
+
+
+def _is_exits_run(run: Path) -> bool:
+    return (run / "config.json").exists() and "at" in json.loads((run / "config.json").read_text())
+
+
 def load_exit_run(run: Path) -> tuple[ExitModel, ExitsConfig]:
     """The model of a finished exits run folder, with its configuration."""
     run = Path(run)
+    if (run / "config.json").exists() and not _is_exits_run(run):
+        raise LCSurgeryError(f"{run} is a finetune run without exits: train them with lcsurgery exits train --run {run} (or finetune --exits)")
     if not (run / "model.pt").exists():
         raise LCSurgeryError(f"{run} is not a finished exits run (no model.pt)")
     cfg = ExitsConfig(**{**json.loads((run / "config.json").read_text()), "force": False})
