@@ -112,7 +112,9 @@ def _finished_sweep(run: Path) -> tuple[dict, dict]:
 
 
 def _network_name(cfg: dict) -> str:
-    """What an exits run sits on: its finetune run's folder name, or the model and its weights."""
+    """What an exits run sits on: its finetune run's folder name (trained with it, for finetune --exits), or the model."""
+    if cfg.get("joint"):
+        return f"exits trained with {Path(cfg['run']).name}"
     return f"exits on {Path(cfg['run']).name}" if cfg.get("run") else f"exits on {cfg['model']}"
 
 
