@@ -58,6 +58,17 @@ def test_tarball_imagefolder_is_decoded_and_cached(tiny_tar, cache):
     assert len(test) == 4 and torch.equal(test.labels.sort().values, torch.tensor([0, 0, 1, 1]))
 
 
+def test_a_half_written_cache_is_decoded_again_and_rewritten(tiny_tar, cache, capsys):
+    first = load_arrays(str(tiny_tar), "train")
+    (broken,) = [p for p in cache.glob("*.pt") if "-train-" in p.name]
+    broken.write_bytes(broken.read_bytes()[:100])  # what a run killed while writing it used to leave
+    again = load_arrays(str(tiny_tar), "train")
+    assert "unreadable" in capsys.readouterr().err
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert torch.equal(torch.load(broken, weights_only=True)["images"], first.images)
+    assert not list(cache.glob("*.tmp"))
+
+
 def test_imagefolder_tree(tmp_path, cache):
     for split in ("train", "val"):
         for cls, color in (("cat", (10, 20, 30)), ("dog", (200, 100, 0))):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -155,13 +156,27 @@ def load_arrays(spec: str, split: str) -> ArrayDataset:
         raise LCSurgeryError(f"data path {spec!r} does not exist (expected a .tar.gz, an ImageFolder tree, cifar10:<dir> or synthetic)")
     cached = _cache_path(path, split)
     if cached.exists():
-        blob = torch.load(cached, weights_only=True)
-        return ArrayDataset(blob["images"], blob["labels"], list(blob["classes"]))
+        try:
+            blob = torch.load(cached, weights_only=True)
+            return ArrayDataset(blob["images"], blob["labels"], list(blob["classes"]))
+        except (RuntimeError, EOFError, KeyError, OSError):  # unreadable (e.g. written by an older, interrupted version): decode again
+            print(f"warning: the decoded-image cache {cached} is unreadable; decoding {spec} again", file=sys.stderr)
     if path.is_file():
         splits = _read_tar(path)
     else:
         splits = {s: _read_tree(path, s) for s in SPLIT_NAMES}
     cache_dir().mkdir(parents=True, exist_ok=True)
     for s, ds in splits.items():
-        torch.save({"images": ds.images, "labels": ds.labels, "classes": ds.classes}, _cache_path(path, s))
+        _save_atomically({"images": ds.images, "labels": ds.labels, "classes": ds.classes}, _cache_path(path, s))
     return splits[split]
+
+
+def _save_atomically(obj: dict, target: Path) -> None:
+    """Save to a temporary file beside ``target``, then rename: a run killed while writing the
+    cache leaves no half-written file that later runs would fail to read."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
