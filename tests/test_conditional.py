@@ -7,7 +7,8 @@ import torch
 from zoo import example, original, randomize_gates
 
 import lcsurgery
-from lcsurgery.train.conditional import _BetaCdf, batch_shaping, batch_shaping_loss, batch_top, beta_cdf, conditional_loss, importance_loss, importance_targets
+from lcsurgery.train.conditional import _BetaCdf, batch_shaping, batch_shaping_loss, batch_top, beta_cdf, conditional_loss, difficulty_weights, importance_loss, importance_targets
+from lcsurgery.train.regularize import macs_penalty
 
 
 def _forward(seed: int = 0) -> lcsurgery.LCModel:
@@ -107,3 +108,51 @@ def test_batch_shaping_loss_reads_every_gate_of_the_latest_batch():
     lc = _forward()
     value = batch_shaping_loss(lc)
     assert 0 < float(value) < 1 / 3
+
+
+def test_difficulty_weights_rank_images_by_their_true_class_probability():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 1.0], [0.0, 3.0], [2.0, 2.0], [0.0, 9.0]])
+    y = torch.tensor([0, 1, 0, 0, 1])
+    w = difficulty_weights(logits, y)  # p(true): 0.98, 0.73, 0.05, 0.5, ~1.0
+    assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.0, 0.5, 2.0]))
+    half = difficulty_weights(logits, y, spread=0.5)
+    assert float(half.mean()) == pytest.approx(1.0) and float(half.min()) == pytest.approx(0.5) and float(half.max()) == pytest.approx(1.5)
+    assert torch.equal(difficulty_weights(logits[:1], y[:1]), torch.ones(1))
+    with pytest.raises(lcsurgery.LCSurgeryError, match=r"spread must be in \(0, 1\]"):
+        difficulty_weights(logits, y, spread=1.5)
+
+
+def test_difficulty_weighted_penalty_is_the_weighted_hard_cost_and_spends_where_images_are_hard():
+    lc = _forward(seed=2)
+    dense = lcsurgery.static_costs(lc, (3, 32, 32)).dense
+    per_image = lcsurgery.last_macs(lc, "sequential").double() / dense
+    w = torch.linspace(0.0, 2.0, len(per_image))
+    assert float(macs_penalty(lc, image_weights=w)) == pytest.approx(float((per_image * w).mean()), rel=1e-6)
+    # an image of weight 0 is not pushed at all: the gates' gradient is the sum of the others'
+    lc.zero_grad()
+    macs_penalty(lc, image_weights=torch.zeros(len(per_image))).backward()
+    assert all(p.grad is None or not p.grad.any() for p in lc.lc_gates.parameters())
+    one_hot = torch.zeros(len(per_image))
+    grads = []
+    for i in (0, 1):
+        one_hot.zero_()
+        one_hot[i] = 1.0
+        lc.zero_grad()
+        macs_penalty(lc, image_weights=one_hot).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lc.lc_gates.parameters() if p.grad is not None]).clone())
+    lc.zero_grad()
+    macs_penalty(lc, image_weights=torch.tensor([1.0, 1.0] + [0.0] * (len(per_image) - 2))).backward()
+    both = torch.cat([p.grad.flatten() for p in lc.lc_gates.parameters() if p.grad is not None])
+    assert torch.allclose(both, grads[0] + grads[1], atol=1e-6)
+
+
+def test_difficulty_needs_the_macs_penalty_and_a_spread_in_range():
+    from lcsurgery.train.config import FinetuneConfig
+
+    with pytest.raises(lcsurgery.LCSurgeryError, match="needs --penalty macs"):
+        FinetuneConfig(model="cifar:resnet20", per_image_loss="difficulty", penalty="l1")
+    with pytest.raises(lcsurgery.LCSurgeryError, match=r"a weight in \(0, 1\]"):
+        FinetuneConfig(model="cifar:resnet20", per_image_loss="difficulty", per_image_weight=2.0)
+    with pytest.raises(lcsurgery.LCSurgeryError, match="--static gates read no input"):
+        FinetuneConfig(model="cifar:resnet20", per_image_loss="difficulty", static=True)
+    assert conditional_loss(_forward(), "difficulty") is None

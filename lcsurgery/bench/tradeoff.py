@@ -37,12 +37,14 @@ RECIPES: dict[str, dict] = {
     "std": {"gate_input_momentum": 0.05},
     "importance": {"gate_input_momentum": 0.05, "per_image_loss": "importance"},
     "shaping": {"gate_input_momentum": 0.05, "per_image_loss": "shaping"},
+    "difficulty": {"gate_input_momentum": 0.05, "per_image_loss": "difficulty"},
 }
 RECIPE_LABELS = {
     "default": "",
     "std": "standardised gate input",
     "importance": "per-image channel targets + standardised input",
     "shaping": "batch-shaping + standardised input",
+    "difficulty": "MAC penalty weighted by difficulty + standardised input",
 }
 
 

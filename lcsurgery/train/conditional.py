@@ -14,6 +14,11 @@ penalty and its controller, so the budget logic is unchanged:
   CDF of its values over the batch is matched to a Beta prior with the gate's own current mean,
   so a gate spreads its values across images instead of giving all of them the same one.
 
+- ``difficulty_weights``: not a loss but a per-image weight on the MAC penalty, from how hard
+  each image is (its rank in the batch by the teacher's, or the network's own, probability of
+  the true class): easy images are pushed to close more gates, hard ones are left the MACs they
+  need, so the gates learn to spend by difficulty, which a mask for every image cannot.
+
 All read the gate inputs of the latest training forward (as the penalties do) and train the
 gates only.
 """
@@ -28,7 +33,7 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.surgery.block import GatedBlock
 from lcsurgery.surgery.model import unwrap
 
-KINDS = ("none", "importance", "shaping")
+KINDS = ("none", "importance", "shaping", "difficulty")
 
 
 def _latest(block: GatedBlock) -> tuple[Tensor | None, Tensor | None]:
@@ -161,9 +166,26 @@ def _beta_fraction(a: Tensor, b: Tensor, x: Tensor, iterations: int) -> Tensor:
     return h
 
 
+def difficulty_weights(logits: Tensor, targets: Tensor, spread: float = 1.0) -> Tensor:
+    """[B] weights of mean 1 for each image's MAC penalty: 1 + ``spread`` for the batch's easiest
+    image (highest probability of its true class under ``logits``), 1 - ``spread`` for its
+    hardest, linear in the rank between. Ranks, not probabilities: a trained network is sure of
+    most training images, and the weights must still tell them apart."""
+    if not 0.0 < spread <= 1.0:
+        raise LCSurgeryError(f"the difficulty weights' spread must be in (0, 1], got {spread}")
+    n = len(targets)
+    if n < 2:
+        return torch.ones(n, device=logits.device)
+    sure = logits.detach().float().log_softmax(1).gather(1, targets[:, None]).squeeze(1)
+    rank = torch.empty(n, device=logits.device)
+    rank[sure.argsort()] = torch.arange(n, device=logits.device, dtype=rank.dtype)
+    return 1.0 + spread * (2.0 * rank / (n - 1) - 1.0)
+
+
 def conditional_loss(model: nn.Module, kind: str) -> Tensor | None:
-    """The per-image gate loss named by ``kind`` (one of ``KINDS``), or None for ``"none"``."""
-    if kind == "none":
+    """The per-image gate loss named by ``kind`` (one of ``KINDS``), or None for ``"none"`` and
+    ``"difficulty"`` (which weights the MAC penalty instead: ``difficulty_weights``)."""
+    if kind in ("none", "difficulty"):
         return None
     if kind == "importance":
         return importance_loss(model)

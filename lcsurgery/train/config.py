@@ -31,7 +31,7 @@ class FinetuneConfig:
     static: bool = False  # gates that ignore the input (bias only): one learned mask for every image, the static baseline
     prune: str | None = None  # "torch-pruning": no gates; the model is pruned to --budget by Torch-Pruning first (the outside baseline)
     per_image_loss: str = "none"  # what makes gates decide per image (lcsurgery.train.conditional)
-    per_image_weight: float = 1.0  # its weight in the loss (batch-shaping fades out over the MAC ramp)
+    per_image_weight: float = 1.0  # its weight in the loss (batch-shaping fades out over the MAC ramp); for "difficulty", the spread of the penalty's weights
     l1: float = 0.0  # penalty strength; with a budget, its initial value
     budget: float | None = None  # target fraction of dense MACs, adapts the penalty
     budget_ramp: float = 0.5  # share of training over which the MAC target falls from dense to the budget
@@ -72,6 +72,11 @@ class FinetuneConfig:
             raise LCSurgeryError(f"--per-image-loss must be one of {', '.join(PER_IMAGE_LOSSES)}, got {self.per_image_loss!r}")
         if self.static and self.per_image_loss != "none":
             raise LCSurgeryError("--static gates read no input, so they cannot learn per-image decisions: drop --per-image-loss")
+        if self.per_image_loss == "difficulty" and (self.penalty != "macs" or not 0.0 < self.per_image_weight <= 1.0):
+            raise LCSurgeryError(
+                f"--per-image-loss difficulty weights the MAC penalty per image by 1 +- --per-image-weight: it needs --penalty macs "
+                f"and a weight in (0, 1], got --penalty {self.penalty} and {self.per_image_weight}"
+            )
         if self.gates not in GATE_KINDS:
             raise LCSurgeryError(f"--gates must be one of {', '.join(GATE_KINDS)}, got {self.gates!r}")
         if self.budget is not None:

@@ -36,7 +36,7 @@ from lcsurgery.macs.static import static_costs
 from lcsurgery.train import distributed
 from lcsurgery.train.budget import BudgetController, budget_report, land
 from lcsurgery.train.build import build_model
-from lcsurgery.train.conditional import conditional_loss
+from lcsurgery.train.conditional import conditional_loss, difficulty_weights
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.distill import build_teacher, distill_loss
 from lcsurgery.train.evaluate import cost_gap, evaluate, first_images
@@ -209,6 +209,7 @@ class _Run:
             outs = self.exits.forward_exits(x) if self.exits is not None else [self.train_model(x)]
             logits = outs[-1]
             loss = F.cross_entropy(logits, y)
+            teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
@@ -222,11 +223,16 @@ class _Run:
             frac = d.mean(float(last_macs(lc).double().mean()) / static_costs(lc, tuple(x.shape[1:])).dense)
             strength = 0.0 if frozen else self.controller.update(frac, progress) if self.controller is not None else cfg.l1
             if strength:
-                penalty = macs_penalty(lc) if cfg.penalty == "macs" else gate_l1(lc, cost_aware=cfg.cost_aware)
+                if cfg.penalty == "l1":
+                    penalty = gate_l1(lc, cost_aware=cfg.cost_aware)
+                else:
+                    weights = difficulty_weights(logits if teacher_logits is None else teacher_logits, y, cfg.per_image_weight) if cfg.per_image_loss == "difficulty" else None
+                    penalty = macs_penalty(lc, image_weights=weights)
                 loss = loss + strength * penalty
             per_image = cfg.per_image_weight * (max(1.0 - progress / cfg.budget_ramp, 0.0) if cfg.per_image_loss == "shaping" else 1.0)
-            if not frozen and per_image > 0 and cfg.per_image_loss != "none":
-                loss = loss + per_image * conditional_loss(lc, cfg.per_image_loss)
+            extra = conditional_loss(lc, cfg.per_image_loss) if not frozen and per_image > 0 else None
+            if extra is not None:
+                loss = loss + per_image * extra
             info = {"macs": f"{frac:.3f}", "penalty": "frozen" if frozen else f"{strength:.3g}"}
         loss_value = d.mean(loss.item())  # the same on every rank, so all of them stop together
         if lc is not None and d.main and self.sched.last_epoch % STEP_LOG_EVERY == 0:

@@ -73,7 +73,7 @@ def _step(z: Tensor, temperature: float) -> Tensor:
     return (z > 0).to(z.dtype) + (soft - soft.detach())
 
 
-def macs_penalty(model: nn.Module, placement: str | None = None, temperature: float = 0.5) -> Tensor:
+def macs_penalty(model: nn.Module, placement: str | None = None, temperature: float = 0.5, image_weights: Tensor | None = None) -> Tensor:
     """The latest batch's mean hard MACs as a fraction of dense, differentiable in the gates.
 
     Its value is exactly ``last_macs(model).mean() / dense``: the cost eval would pay for these
@@ -82,6 +82,8 @@ def macs_penalty(model: nn.Module, placement: str | None = None, temperature: fl
     ``gate_l1``, it charges a gate at 0.2 as much as a gate at 1: it does not reward attenuating
     a branch that still costs its MACs, only closing it (under L1, retrofitted gates settle at
     small positive values: accuracy lost, nothing skipped). Like ``gate_l1`` it trains the gates only.
+    ``image_weights`` [B] (mean 1) weight each image's cost in the mean: some images are pushed
+    harder to close gates than others.
     """
     lc = unwrap(model)
     placement = placement or lc.placement
@@ -95,4 +97,6 @@ def macs_penalty(model: nn.Module, placement: str | None = None, temperature: fl
         runs = _step(z_l, temperature) if z_l is not None else 1.0
         active = _step(z_c, temperature).sum(1) if z_c is not None else 0.0
         total = total + runs * (c.fixed(placement) + active * c.per_channel(placement))
+    if image_weights is not None:
+        total = total * image_weights.to(total.dtype)
     return total.mean() / costs.dense
