@@ -42,3 +42,23 @@ def test_static_gate_weights_do_not_learn():
             assert not lin.weight.requires_grad and lin.weight.grad is None
             assert lin.bias.requires_grad and lin.bias.grad is not None
     assert lc.lc_config["static"] is True
+
+
+def test_static_channels_keep_one_channel_mask_while_layer_gates_learn_per_image(tmp_path):
+    from lcsurgery.train import FinetuneConfig, finetune
+    from lcsurgery.train.run_folder import load_run
+
+    cfg = FinetuneConfig(
+        model="cifar:resnet20", data="synthetic:200", test_subset=50, batch_size=50, epochs=1, budget=0.5, placement="sequential",
+        static_channels=True, gate_input_momentum=0.05, per_image_loss="difficulty", out=str(tmp_path / "run"),
+    )
+    finetune(cfg)
+    lc, loaded, _ = load_run(tmp_path / "run")
+    assert loaded.static_channels
+    blocks = lcsurgery.gated_blocks(lc)
+    assert all(not b.c_net.weight.any() for b in blocks if b.c_net is not None)  # bias only: the same channels for every image
+    assert any(b.l_net.weight.any() for b in blocks)  # the layer gates learnt to read the image
+    with pytest.raises(lcsurgery.LCSurgeryError, match="--static-channels"):
+        FinetuneConfig(model="cifar:resnet20", static=True, static_channels=True)
+    with pytest.raises(lcsurgery.LCSurgeryError, match="--static-channels"):
+        FinetuneConfig(model="cifar:resnet20", gates="layer", static_channels=True)

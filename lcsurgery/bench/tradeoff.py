@@ -38,6 +38,7 @@ RECIPES: dict[str, dict] = {
     "importance": {"gate_input_momentum": 0.05, "per_image_loss": "importance"},
     "shaping": {"gate_input_momentum": 0.05, "per_image_loss": "shaping"},
     "difficulty": {"gate_input_momentum": 0.05, "per_image_loss": "difficulty"},
+    "difficulty-layers": {"gate_input_momentum": 0.05, "per_image_loss": "difficulty", "static_channels": True},
 }
 RECIPE_LABELS = {
     "default": "",
@@ -45,6 +46,7 @@ RECIPE_LABELS = {
     "importance": "per-image channel targets + standardised input",
     "shaping": "batch-shaping + standardised input",
     "difficulty": "MAC penalty weighted by difficulty + standardised input",
+    "difficulty-layers": "difficulty-weighted penalty, per-image layer gates, static channel gates",
 }
 
 

@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser, single_run: bool = True) -> None:
         add("--dense", action="store_true", help="fine-tune the original model without gates (the baseline)")
         add("--prune", choices=PRUNERS, help="no gates: prune the model to --budget with this pruner, then fine-tune it (the outside static baseline; needs lcsurgery[compare])")
         add("--static", action="store_true", help="gates that ignore the input (bias only): one learned mask of blocks and channels for every image, the static baseline")
+        add("--static-channels", action="store_true", help="channel gates bias only (one channel mask for every image), layer gates still per image")
         add("--l1", type=float, help="strength of the gate L1 penalty (with --budget: its starting value)")
         add("--budget", type=float, help="target MACs as a fraction of the dense model's, in (0, 1]; adapts the penalty")
         add("--resume", action="store_true", help="continue the run in --out from its last finished epoch")

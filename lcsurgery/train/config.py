@@ -29,6 +29,7 @@ class FinetuneConfig:
     gates: str = "layer+channel"  # which gates each block gets: "layer+channel", "layer" (skip blocks only) or "channel"
     dense: bool = False  # fine-tune the original model, no gates (the baseline)
     static: bool = False  # gates that ignore the input (bias only): one learned mask for every image, the static baseline
+    static_channels: bool = False  # channel gates bias only (one channel mask for every image); the layer gates still read the image
     prune: str | None = None  # "torch-pruning": no gates; the model is pruned to --budget by Torch-Pruning first (the outside baseline)
     per_image_loss: str = "none"  # what makes gates decide per image (lcsurgery.train.conditional)
     per_image_weight: float = 1.0  # its weight in the loss (batch-shaping fades out over the MAC ramp); for "difficulty", the spread of the penalty's weights
@@ -77,6 +78,8 @@ class FinetuneConfig:
                 f"--per-image-loss difficulty weights the MAC penalty per image by 1 +- --per-image-weight: it needs --penalty macs "
                 f"and a weight in (0, 1], got --penalty {self.penalty} and {self.per_image_weight}"
             )
+        if self.static_channels and (self.static or not self.gated or "channel" not in self.gates):
+            raise LCSurgeryError("--static-channels makes the channel gates of a gated run static: it needs channel gates, and --static already makes every gate static")
         if self.gates not in GATE_KINDS:
             raise LCSurgeryError(f"--gates must be one of {', '.join(GATE_KINDS)}, got {self.gates!r}")
         if self.budget is not None:
