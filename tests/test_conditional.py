@@ -122,7 +122,7 @@ def test_difficulty_weights_rank_images_by_their_true_class_probability():
         difficulty_weights(logits, y, spread=1.5)
 
 
-def test_difficulty_weighted_penalty_is_the_weighted_hard_cost_and_spends_where_images_are_hard():
+def test_difficulty_weighted_penalty_is_the_weighted_hard_cost_and_pushes_each_image_by_its_weight():
     lc = _forward(seed=2)
     dense = lcsurgery.static_costs(lc, (3, 32, 32)).dense
     per_image = lcsurgery.last_macs(lc, "sequential").double() / dense
