@@ -125,9 +125,8 @@ class BlockPlan:
         self.gate_tensors = [t for lin in lins for t in lin.parameters()] + [block.input_mean, block.input_scale]
         self.versions = [t._version for t in self.gate_tensors]
         # the input standardisation folded into the gate layers: W (p - mean) * scale + b
-        weight = torch.cat([lin.weight.detach() for lin in lins]) * block.input_scale
-        if block.static:
-            weight = torch.zeros_like(weight)  # static gates read no input: the bias decides
+        static = block.static_nets()  # static gates read no input: the bias decides
+        weight = torch.cat([torch.zeros_like(lin.weight) if lin in static else lin.weight.detach() for lin in lins]) * block.input_scale
         self.gate_weight = weight.t().contiguous()
         self.gate_bias = torch.cat([lin.bias.detach() for lin in lins]) - weight @ block.input_mean
         self.pool_area, self.pool_weight = 0, self.gate_weight  # gate weights / (H * W) for the last input size

@@ -24,6 +24,14 @@ from lcsurgery.fx.outline import Piece
 from lcsurgery.layers.relu1 import relu1
 
 PLACEMENTS = ("parallel", "sequential")
+STATIC = (False, True, "layers", "channels")  # no gate, every gate, the L-Nets or the C-Nets ignore the input
+
+
+def static_kinds(static: bool | str) -> tuple[bool, bool]:
+    """Which gates of a block ignore the input, (layer gate, channel gates), for a ``static`` option."""
+    if static not in STATIC or isinstance(static, int) and not isinstance(static, bool):
+        raise ValueError(f"static must be one of {STATIC}, got {static!r}")
+    return static in (True, "layers"), static in (True, "channels")
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class GatedBlock(nn.Module):
         placement: str,
         relu1_mode: str = "straight_through",
         noise: float = 0.0,
-        static: bool = False,
+        static: bool | str = False,
     ) -> None:
         super().__init__()
         self.noise = noise  # training only: logistic noise on the gate logits, so gates near 0 flip
@@ -75,12 +83,13 @@ class GatedBlock(nn.Module):
         self.register_buffer("input_batches", torch.zeros((), dtype=torch.long))
         self.stats_momentum = 0.0  # training only, set by the loop; 0 keeps the statistics fixed
         self.weights_from_targets = False  # training only, set by the loop (see gate_logits)
-        self.static = static  # gates that ignore the input (bias only): a learned static mask, the baseline
+        # gates that ignore the input (bias only): a learned static mask, the baseline; True makes
+        # every gate static, "layers" or "channels" one kind while the other reads the image
+        self.static = static
+        self.static_layer, self.static_channels = static_kinds(static)
         self.reset_gates()
-        if static:
-            for lin in (self.l_net, self.c_net):
-                if lin is not None:
-                    lin.weight.requires_grad_(False)
+        for lin in self.static_nets():
+            lin.weight.requires_grad_(False)
         self.pieces = pieces
         self.root: nn.Module | None = None  # the converted model; set by LCModel, not registered
         self.last: GateState | None = None
@@ -111,6 +120,10 @@ class GatedBlock(nn.Module):
                 self.c_net.weight.zero_()
                 self.c_net.bias.copy_(mask.float() * 2 - 1)
 
+    def static_nets(self) -> list[nn.Linear]:
+        """The gate layers whose weights are unused (static): their bias alone decides."""
+        return [lin for lin, fixed in ((self.l_net, self.static_layer), (self.c_net, self.static_channels)) if lin is not None and fixed]
+
     @property
     def gated_channels(self) -> int:
         return self.info.gated_channels
@@ -133,17 +146,15 @@ class GatedBlock(nn.Module):
         ``weights_from_targets`` set, the task loss and the MAC penalty move only the biases, and
         the weights learn from per-image targets alone (``lcsurgery.train.conditional``).
         """
-        if self.static:
-            pooled = torch.zeros_like(pooled)  # the bias alone decides, whatever the image
-        else:
-            pooled = (pooled - self.input_mean) * self.input_scale
+        standard = (pooled - self.input_mean) * self.input_scale
         out = []
-        for lin in (self.l_net, self.c_net):
+        for lin, fixed in ((self.l_net, self.static_layer), (self.c_net, self.static_channels)):
             if lin is None:
                 out.append(None)
-                continue
-            w = lin.weight if weights else lin.weight.detach()
-            out.append(F.linear(pooled, w, lin.bias))
+            elif fixed:  # the bias alone decides, whatever the image
+                out.append(lin.bias.expand(pooled.shape[0], -1))
+            else:
+                out.append(F.linear(standard, lin.weight if weights else lin.weight.detach(), lin.bias))
         z_l, z_c = out
         return (None if z_l is None else z_l.squeeze(1)), z_c
 

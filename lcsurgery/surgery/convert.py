@@ -15,7 +15,7 @@ from lcsurgery.fx.graph import data_nodes
 from lcsurgery.fx.outline import outline
 from lcsurgery.fx.tracer import trace, training_mode
 from lcsurgery.layers.relu1 import MODES
-from lcsurgery.surgery.block import BlockInfo, GatedBlock
+from lcsurgery.surgery.block import BlockInfo, GatedBlock, static_kinds
 from lcsurgery.surgery.model import GATE_PREFIX, LCModel, check_placement, unwrap
 
 DEFAULT_SLOPE = 0.05
@@ -53,7 +53,7 @@ def convert(
     relu1_mode: str = "straight_through",
     leaf_modules: Sequence[str | type] = (),
     input_size: tuple[int, int, int] | None = None,
-    static: bool = False,
+    static: bool | str = False,
 ) -> LCModel:
     """Return a copy of ``model`` with LC-Net gates on every residual block; ``model`` is untouched.
 
@@ -69,11 +69,15 @@ def convert(
         input_size: (C, H, W) of an example input used to read channel counts.
         static: gates that ignore the input (a learned bias each): fine-tuned, they learn one
             mask of blocks and channels for every image, the static-pruning baseline against
-            which per-input gating is measured.
+            which per-input gating is measured. ``"layers"`` or ``"channels"`` makes only that
+            kind static (one channel mask for all, say, while layer gates still read the image).
 
     At initialisation every gate is 1, so in eval mode the result computes what ``model`` does.
     """
     check_placement(placement)
+    static_layer, static_channels = static_kinds(static)
+    if (static_layer and not layers) or (static_channels and not channels):
+        raise ValueError(f"static={static!r} makes gates static that this conversion does not add (layers={layers}, channels={channels})")
     if not 0.0 <= slope < 1.0:
         raise ValueError(f"slope must be in [0, 1), got {slope}")
     if relu1_mode not in MODES:
@@ -194,7 +198,7 @@ def _info(spec: BlockSpec, root: nn.Module) -> BlockInfo:
     )
 
 
-def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str, relu1_mode: str, static: bool) -> GatedBlock:
+def _make_block(spec: BlockSpec, root: nn.Module, slope: float, placement: str, relu1_mode: str, static: bool | str) -> GatedBlock:
     key = sanitize(spec.name)
     pieces = {"shortcut": outline(spec.shortcut, spec.input, spec.shortcut_out, root, f"{key}_shortcut")}
     c = spec.channel

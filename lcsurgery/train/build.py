@@ -29,11 +29,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, structure: dict[str, int]
         apply_structure(model, structure, (3, size, size))
     if cfg.gated:
         layers, channels = "layer" in cfg.gates, "channel" in cfg.gates
-        model = convert(model, cfg.placement, layers=layers, channels=channels, slope=cfg.slope, input_size=(3, size, size), static=cfg.static)
-        if cfg.static_channels:  # the C-Nets' weights stay at their zero start: each channel gate is its bias, for every image
-            for block in model.lc_blocks():
-                if block.c_net is not None:
-                    block.c_net.weight.requires_grad_(False)
+        static = True if cfg.static else "channels" if cfg.static_channels else False
+        model = convert(model, cfg.placement, layers=layers, channels=channels, slope=cfg.slope, input_size=(3, size, size), static=static)
     if cfg.checkpoint:
         result = load_weights(model, cfg.checkpoint, reinit_head=True)
         if result.reinitialised:
