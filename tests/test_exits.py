@@ -7,12 +7,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from zoo import ZOO, ZOO_BY_NAME, example, original, randomize_gates
 
 import lcsurgery
 from lcsurgery.errors import LCSurgeryError
+from lcsurgery.exits.heads import ExitHead
 from lcsurgery.exits.model import ExitPolicy, add_exits, exit_features, exit_points
 from lcsurgery.exits.policy import ExitScores, fit_scorer, score, set_budget, simulate, threshold_policy
 from lcsurgery.macs.static import fvcore_macs, static_costs
@@ -116,6 +118,20 @@ def test_engine_runs_a_learned_policy_as_replayed(gated):
     exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
     assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs) and int((exit_of == 0).sum()) == 8
 
+
+
+@pytest.mark.parametrize(("size", "hidden"), [(32, 0), (8, 0), (7, 0), (14, 32)])
+def test_a_head_computes_sdns_mix_of_adaptive_max_and_average_pooling(size, hidden):
+    torch.manual_seed(0)
+    head = ExitHead(16, 10, pool=4, hidden=hidden)
+    with torch.no_grad():
+        head.mix.fill_(0.7)
+    x = torch.randn(3, 16, size, size)
+    w = torch.sigmoid(torch.tensor(0.7))
+    pooled = ((1 - w) * F.adaptive_avg_pool2d(x, 4) + w * F.adaptive_max_pool2d(x, 4)).flatten(1)
+    expected = head.fc(head.hidden(pooled) if hidden else pooled)
+    torch.testing.assert_close(head(x), expected, rtol=1e-6, atol=1e-6)
+    assert (fvcore_macs(head, (x[:1],))) == 16 * 16 * (hidden or 10) + hidden * 10
 
 
 def test_a_policy_scores_logits_as_it_scores_their_exit_features():
