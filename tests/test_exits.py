@@ -16,7 +16,7 @@ import lcsurgery
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.heads import ExitHead
 from lcsurgery.exits.model import ExitPolicy, add_exits, exit_features, exit_points
-from lcsurgery.exits.policy import ExitScores, fit_scorer, score, set_budget, simulate, threshold_policy
+from lcsurgery.exits.policy import ExitScores, fit_policy, fit_scorer, score, set_budget, simulate, threshold_policy
 from lcsurgery.macs.static import fvcore_macs, static_costs
 from lcsurgery.models.cifar_resnet import resnet20
 
@@ -118,6 +118,66 @@ def test_engine_runs_a_learned_policy_as_replayed(gated):
     exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
     assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs) and int((exit_of == 0).sum()) == 8
 
+
+
+@pytest.mark.parametrize("gated", [None, "sequential"])
+def test_heads_switched_off_are_neither_run_nor_charged(gated):
+    e = _exits("cifar.resnet20", gated).eval()
+    _randomize_heads(e)
+    x = example("cifar.resnet20", batch=16, seed=1)
+    scores = score(e, x, progress=False)
+    calls = [0] * e.num_exits
+    for i, head in enumerate(e.heads):
+        head.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    inner = scores.confidence[:, 1:-1].flatten().sort().values
+    q = int(0.9 * len(inner))
+    e.policy = ExitPolicy(((float(inner[q]) + float(inner[q + 1])) / 2,) * e.num_exits, off=(0, 2))
+    with torch.no_grad():
+        e(x)
+    exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
+    assert torch.equal(e.last_exit, exit_of) and torch.equal(e.last_macs, macs)
+    assert calls[0] == calls[2] == 0 and calls[1] == 1 and not set(exit_of.tolist()) & {0, 2}
+    assert 0 < int((exit_of < e.num_exits).sum()) < len(x), "the test needs images leaving early and going on"
+    heads = e.head_macs()
+    off = e.exit_costs(off=(0, 2))
+    assert off == [c - heads[0] - (heads[2] if i >= 2 else 0) for i, c in enumerate(e.exit_costs())]
+    if gated is None:  # every image pays the segments it ran and the heads that ran
+        assert macs.tolist() == [off[i] for i in exit_of.tolist()]
+    with torch.no_grad():
+        for n in range(len(x)):
+            e(x[n : n + 1])
+            assert (int(e.last_exit[0]), int(e.last_macs[0])) == (int(exit_of[n]), int(macs[n])), n
+    assert calls[0] == calls[2] == 0
+
+
+def test_the_cap_forces_images_out_at_the_last_head_that_runs_within_it():
+    e = add_exits(resnet20().eval())
+    _randomize_heads(e)
+    costs = e.exit_costs(off=(2,))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    e.policy = ExitPolicy((1.1,) * e.num_exits, max_macs=costs[2] + 1, off=(2,))  # exit 2 would fit the cap, but its head is off
+    with torch.no_grad():
+        e(x)
+    assert e.last_exit.tolist() == [1] * len(x) and e.last_macs.tolist() == [costs[1]] * len(x)
+    e.policy = ExitPolicy((1.1,) * e.num_exits, off=(e.num_exits,))
+    with pytest.raises(LCSurgeryError, match=rf"the policy has {e.num_exits} thresholds and heads off at \[{e.num_exits}\], the model {e.num_exits} exits"):
+        e(x)
+
+
+def test_fit_policy_switches_off_the_heads_that_take_too_few_images():
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(1000, 5, generator=g)
+    conf[:, 0] *= 0.7  # the first head is rarely confident
+    scores = ExitScores(conf, torch.zeros(1000, 5, dtype=torch.long), None, heads=[2, 2, 2, 2])
+    costs, dense = [10, 25, 45, 70, 101], 100
+    every = fit_policy(scores, costs, dense, 0.6, min_share=0.0)
+    exit_of, _ = simulate(scores, costs, every)
+    assert every.off == () and 0 < float((exit_of == 0).double().mean()) < 0.05
+    fewer = fit_policy(scores, costs, dense, 0.6, min_share=0.05)
+    exit_of, macs = simulate(scores, costs, fewer)
+    shares = torch.bincount(exit_of, minlength=5).double() / len(exit_of)
+    assert fewer.off == (0,) and float(macs.double().mean()) <= 60 and bool((shares[1:4] >= 0.05).all())
+    assert all(m == costs[i] - 2 for m, i in zip(macs.tolist(), exit_of.tolist(), strict=True))  # the first head is not charged
 
 
 @pytest.mark.parametrize(("size", "hidden"), [(32, 0), (8, 0), (7, 0), (14, 32)])

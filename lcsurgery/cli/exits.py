@@ -29,7 +29,7 @@ import torch
 from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
-from lcsurgery.exits.policy import RULES
+from lcsurgery.exits.policy import MIN_SHARE, RULES
 from lcsurgery.models.factory import SPEC_HELP, create_model
 from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_run_folder, exit_summary, run_exits, sweep_run, train_exits
 
@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--test-subset", type=int, help="test images to run (class-balanced; default all)")
     ev.add_argument("--latency", type=int, metavar="N", help="also time N test images at batch 1 on the CPU, with and without exits (one thread)")
     ev.add_argument("--policy", choices=RULES, default="confidence", help="threshold each head's confidence, or a learned exit-or-go-on score (fitted on the held-out images)")
+    ev.add_argument("--min-exit-share", type=float, default=MIN_SHARE, help=f"switch off heads that take fewer of the held-out images than this (they cost time at batch 1; 0: every head runs; default {MIN_SHARE})")
     sw = sub.add_parser("sweep", help="score a run's held-out and test images again and rewrite its sweep (both policy rules)")
     sw.add_argument("run", help="an exits run folder (or a finetune --exits run: the exits in it)")
     fg = sub.add_parser("figure", help="redraw a run's sweep, beside the separately trained points of a bench tradeoff folder")
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "figure":
         return figure(args.run, Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None, [Path(a) for a in args.also])
-    return evaluate(args.run, args.budget, args.max_macs, args.test_subset, args.latency, args.policy)
+    return evaluate(args.run, args.budget, args.max_macs, args.test_subset, args.latency, args.policy, args.min_exit_share)
 
 
 def _finished_sweep(run: Path) -> tuple[dict, dict]:
@@ -140,11 +141,13 @@ def figure(run: Path, tradeoff: Path | None, out: Path | None, also: list[Path] 
     return 0
 
 
-def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset: int | None, latency: int | None = None, rule: str = "confidence") -> int:
+def evaluate(
+    run: Path, budget: float | None, max_macs: int | None, test_subset: int | None, latency: int | None = None, rule: str = "confidence", min_share: float = MIN_SHARE
+) -> int:
     """Set the policy on the run's held-out images, then run the test images through the engine."""
     if budget is None and max_macs is None:
         raise LCSurgeryError("give --budget (a fraction of the dense MACs), --max-macs (MACs per image), or both")
-    model, cfg, policy, test_loader = exit_run_at_budget(run, budget, test_subset, max_macs, rule)
+    model, cfg, policy, test_loader = exit_run_at_budget(run, budget, test_subset, max_macs, rule, min_share=min_share)
     test = test_loader.data
     r = run_exits(model, test_loader)
     from lcsurgery.viz.figures import exits_by_class, extreme_images
@@ -158,10 +161,12 @@ def evaluate(run: Path, budget: float | None, max_macs: int | None, test_subset:
         title=f"easiest and hardest test images, {what}: leaving first (most confident first) and last (least confident first)",
     )  # fmt: skip
     result = {
-        "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None, "dense_macs": dense,
+        "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None,
+        "heads_off": [model.points[i].name for i in policy.off] if policy else [], "dense_macs": dense,
         "test_images": len(r["macs"]), **exit_summary(r["prediction"] == r["label"], r["exit"], r["macs"], dense, model.num_exits),
     }  # fmt: skip
-    shares = " / ".join(f"{100 * s:.0f}%" for s in result["exit_shares"])
+    off = set(policy.off if policy else ())
+    shares = " / ".join("off" if i in off else f"{100 * s:.0f}%" for i, s in enumerate(result["exit_shares"]))
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {result['test_images']} test images; "
           f"per-image MACs p90/p10 {result['p90_over_p10']:.2f}, most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
     if latency:

@@ -55,6 +55,11 @@ class ExitPolicy:
     thresholds: tuple[float, ...]
     max_macs: int | None = None
     scorer: tuple[tuple[float, ...], ...] | None = None
+    off: tuple[int, ...] = ()  # exits whose heads are not run (nor charged): they take too few images to pay for their time
+
+    def runs(self, i: int) -> bool:
+        """Whether exit ``i``'s head is evaluated."""
+        return i not in self.off
 
     def scores(self, i: int, features: Tensor) -> Tensor:
         """[B] exit ``i``'s score from its ``exit_features``."""
@@ -72,11 +77,13 @@ class ExitPolicy:
         return self.scores(i, exit_features(logits))
 
     def forced_exit(self, costs: list[int]) -> int | None:
-        """The exit every image still running leaves at, because going on could pass ``max_macs``
-        (``costs``: ``ExitModel.exit_costs``, the most an image can cost at each exit); None: no cap."""
+        """The exit every image still running leaves at, because going on to the next exit that
+        runs could pass ``max_macs`` (``costs``: ``ExitModel.exit_costs`` under this policy, the
+        most an image can cost at each exit); None: no cap."""
         if self.max_macs is None:
             return None
-        return next((i for i in range(len(costs) - 1) if costs[i + 1] > self.max_macs), None)
+        running = [i for i in range(len(costs) - 1) if self.runs(i)] + [len(costs) - 1]
+        return next((i for i, j in zip(running, running[1:]) if costs[j] > self.max_macs), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +114,7 @@ class ExitModel(nn.Module):
         self.policy: ExitPolicy | None = None
         self.last_exit: Tensor | None = None
         self._last_macs: Tensor | None = None
-        self._pending: tuple[int, tuple[int, ...]] | None = None  # batch 1 with gates: (exit, input size), counted when read
+        self._pending: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # batch 1 with gates: (exit, input size, heads off), counted when read
         self.last_exit_costs: Tensor | None = None
         graphs = segment_graphs(graph, cuts)
         self._segments = [compile_segment(backbone, g) for g in graphs]
@@ -128,13 +135,14 @@ class ExitModel(nn.Module):
         """Run segment ``i``: the input to exit 0's map for i = 0, ..., the last exit's map to the output."""
         return self._segments[i](self.backbone, x)
 
-    def exit_costs(self, input_size: tuple[int, ...] | None = None) -> list[int]:
-        """MACs of an image that leaves at exit i (segments up to it, heads 0..i), and last the
-        MACs of one that runs to the end with every head evaluated; counted by fvcore once per size.
+    def exit_costs(self, input_size: tuple[int, ...] | None = None, off: Sequence[int] = ()) -> list[int]:
+        """MACs of an image that leaves at exit i (segments up to it, the heads 0..i that run: all
+        but ``off``), and last the MACs of one that runs to the end; counted by fvcore once per size.
         With gates, every gate open: the most an image can cost there (``last_macs`` has its own)."""
         c = self._counts(tuple(input_size or self.input_size))
-        spent = [sum(c.segments[: i + 1]) + sum(c.heads[: i + 1]) for i in range(self.num_exits)]
-        return [*spent, sum(c.segments) + sum(c.heads)]
+        heads = [0 if i in off else m for i, m in enumerate(c.heads)]
+        spent = [sum(c.segments[: i + 1]) + sum(heads[: i + 1]) for i in range(self.num_exits)]
+        return [*spent, sum(c.segments) + sum(heads)]
 
     def head_macs(self, input_size: tuple[int, ...] | None = None) -> list[int]:
         """MACs of each exit head."""
@@ -215,8 +223,8 @@ class ExitModel(nn.Module):
         """Each image leaves at the first exit the policy accepts; the images that go on are
         gathered into a smaller batch, so later segments run only for them."""
         size = tuple(x.shape[1:])
-        costs = self.exit_costs(size)
-        check_cap(policy.max_macs, costs)
+        costs = self.exit_costs(size, policy.off)
+        check_cap(policy, costs)
         forced = policy.forced_exit(costs)
         heads = self._counts(size).heads
         if len(x) == 1:
@@ -229,6 +237,9 @@ class ExitModel(nn.Module):
         h = x
         for i in range(self.num_exits):
             h = self.segment(i, h)
+            if not policy.runs(i):
+                macs[idx.cpu()] += self._spent(i, size, len(h))
+                continue
             logits = self.heads[i](h)
             macs[idx.cpu()] += self._spent(i, size, len(h)) + heads[i]
             if out is None:
@@ -252,17 +263,19 @@ class ExitModel(nn.Module):
         the image's cost is counted from its gates' states only when ``last_macs`` is read."""
         for i in range(self.num_exits):
             x = self.segment(i, x)
+            if not policy.runs(i):
+                continue
             logits = self.heads[i](x)
             if i == forced or float(policy.score_logits(i, logits)[0]) >= policy.thresholds[i]:
-                self._record_one(i, size, costs)
+                self._record_one(i, size, costs, policy.off)
                 return logits
         out = self.segment(self.num_exits, x)
-        self._record_one(self.num_exits, size, costs)
+        self._record_one(self.num_exits, size, costs, policy.off)
         return out
 
-    def _record_one(self, exit_of: int, size: tuple[int, ...], costs: list[int]) -> None:
+    def _record_one(self, exit_of: int, size: tuple[int, ...], costs: list[int], off: tuple[int, ...]) -> None:
         if self._gated:
-            self.last_exit, self._last_macs, self._pending = torch.tensor([exit_of]), None, (exit_of, size)
+            self.last_exit, self._last_macs, self._pending = torch.tensor([exit_of]), None, (exit_of, size, off)
         else:
             self._record(torch.tensor([exit_of]), torch.tensor([costs[exit_of]]))
 
@@ -271,8 +284,9 @@ class ExitModel(nn.Module):
         """int64 [B]: what each image of the latest forward cost (read it before the next forward:
         at batch 1 with gates it is counted from the gates' states when read)."""
         if self._pending is not None:
-            i, size = self._pending
-            spent = sum(int(self._spent(j, size, 1)) for j in range(i + 1)) + sum(self._counts(size).heads[: i + 1])
+            i, size, off = self._pending
+            heads = [m for j, m in enumerate(self._counts(size).heads[: i + 1]) if j not in off]
+            spent = sum(int(self._spent(j, size, 1)) for j in range(i + 1)) + sum(heads)
             self._last_macs, self._pending = torch.tensor([spent]), None
         return self._last_macs
 
@@ -298,9 +312,15 @@ class _Costs:
 
 
 
-def check_cap(max_macs: int | None, costs: list[int]) -> None:
-    if max_macs is not None and max_macs < costs[0]:
-        raise LCSurgeryError(f"max_macs={max_macs:,} is below the cheapest exit ({costs[0]:,} MACs per image): no image can meet it")
+def check_cap(policy: ExitPolicy, costs: list[int]) -> None:
+    """Raise where ``policy`` cannot be run: its cap is below the cheapest exit whose head runs, or
+    it names exits that do not exist (``costs``: ``ExitModel.exit_costs`` under the policy)."""
+    k = len(costs) - 1
+    if len(policy.thresholds) != k or any(not 0 <= i < k for i in policy.off):
+        raise LCSurgeryError(f"the policy has {len(policy.thresholds)} thresholds and heads off at {list(policy.off)}, the model {k} exits")
+    first = next((i for i in range(k) if policy.runs(i)), k)
+    if policy.max_macs is not None and policy.max_macs < costs[first]:
+        raise LCSurgeryError(f"max_macs={policy.max_macs:,} is below the cheapest exit ({costs[first]:,} MACs per image): no image can meet it")
 
 
 def exit_points(model: nn.Module, *, input_size: tuple[int, int, int] | None = None, leaf_modules: Sequence[str | type] = ()) -> list[ExitPoint]:

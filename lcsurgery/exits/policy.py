@@ -4,7 +4,8 @@
 (one for all exits, Shallow-Deep Networks' rule) whose mean cost on them meets the budget, or with
 ``rule="learned"`` first learns, per exit, how likely leaving there is to lose nothing against the
 network's own head (Bolukbasi et al.'s exit-or-go-on classifier, on the head's confidence, margin
-and entropy) and thresholds that;
+and entropy) and thresholds that; a head that takes too few of the held-out images (``min_share``) is
+switched off, since evaluating it costs every image that passes it more time than it saves;
 ``max_macs`` caps every image's cost (DDI's halting: an image that would pass the cap leaves at
 the last exit within it). ``simulate`` replays a policy on stored scores exactly as
 ``ExitModel``'s forward would run it, so one scoring pass serves a whole sweep of budgets.
@@ -35,6 +36,7 @@ class ExitScores:
     labels: Tensor | None
     costs: Tensor | None = None  # int64 [N, exits + 1]: each image's MACs leaving at each exit (None: ``exit_costs`` for all)
     features: Tensor | None = None  # [N, exits + 1, 3]: ``exit_features`` of every head (None: the confidence alone)
+    heads: list[int] | None = None  # MACs of each exit head, to charge only the heads a policy runs (None: every head runs)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -56,22 +58,36 @@ def score(model: ExitModel, images: Tensor | Iterable, batch_size: int = 256, pr
     if not feats:
         raise LCSurgeryError("no images to score the exits on")
     features = torch.cat(feats)
-    return ExitScores(features[:, :, 0], torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs), features)
+    return ExitScores(features[:, :, 0], torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs), features, model.head_macs())
 
 
 def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[Tensor, Tensor]:
     """Where each scored image leaves under ``policy`` and the MACs it costs, exactly as
-    ``ExitModel`` runs it (``costs`` from ``ExitModel.exit_costs``; each image's own from
-    ``scores.costs`` where the network has gates)."""
+    ``ExitModel`` runs it (``costs`` from ``ExitModel.exit_costs`` with every head; each image's
+    own from ``scores.costs`` where the network has gates; the heads ``policy`` switches off are
+    neither run nor charged)."""
     n, k = len(scores), scores.confidence.shape[1] - 1
-    check_cap(policy.max_macs, costs)
+    saved = _saved(scores, policy, k)
+    costs = [c - int(m) for c, m in zip(costs, saved, strict=True)]
+    check_cap(policy, costs)
     leave = _scores(scores, policy) >= torch.tensor(policy.thresholds)
     forced = policy.forced_exit(costs)
     if forced is not None:
         leave[:, forced:] = True
+    leave[:, list(policy.off)] = False
     exit_of = torch.where(leave.any(1), leave.float().argmax(1), torch.full((n,), k))
-    own = scores.costs if scores.costs is not None else torch.tensor(costs).expand(n, -1)
+    own = scores.costs - saved if scores.costs is not None else torch.tensor(costs).expand(n, -1)
     return exit_of, own.gather(1, exit_of[:, None]).squeeze(1)
+
+
+def _saved(scores: ExitScores, policy: ExitPolicy, k: int) -> Tensor:
+    """int64 [exits + 1]: the MACs of the heads ``policy`` switches off, summed up to each exit."""
+    if not policy.off:
+        return torch.zeros(k + 1, dtype=torch.long)
+    if scores.heads is None:
+        raise LCSurgeryError("a policy with heads off needs the heads' MACs in the scores: score the images with lcsurgery.exits.policy.score")
+    off = torch.tensor([0 if policy.runs(i) else m for i, m in enumerate(scores.heads)] + [0], dtype=torch.long)
+    return off.cumsum(0)
 
 
 def _scores(scores: ExitScores, policy: ExitPolicy) -> Tensor:
@@ -85,6 +101,7 @@ def _scores(scores: ExitScores, policy: ExitPolicy) -> Tensor:
 
 
 RULES = ("confidence", "learned")
+MIN_SHARE = 0.02  # a head taking fewer of the calibration images than this is switched off
 
 
 def fit_scorer(scores: ExitScores, steps: int = 200) -> tuple[tuple[float, ...], ...]:
@@ -120,12 +137,14 @@ def set_budget(
     calibration: Tensor | Iterable | ExitScores,
     max_macs: int | None = None,
     rule: str = "confidence",
+    min_share: float = MIN_SHARE,
 ) -> ExitPolicy | None:
     """Set (and return) the policy whose mean MACs on the ``calibration`` images (held-out
     training images, never the test set; or their ``score``) are the largest within
     ``mac_fraction`` of the dense network's, and that never spends more than ``max_macs`` MACs
     per image. ``rule``: threshold each head's confidence (``"confidence"``), or a learned score
-    (``"learned"``, fitted on the calibration images, which must then carry labels).
+    (``"learned"``, fitted on the calibration images, which must then carry labels). Heads that
+    take under ``min_share`` of the calibration images are switched off (0: every head runs).
     ``mac_fraction`` None or >= 1 with no cap removes the policy: the dense network."""
     if rule not in RULES:
         raise LCSurgeryError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -135,22 +154,45 @@ def set_budget(
     if (mac_fraction is None or mac_fraction >= 1) and max_macs is None:
         model.policy = None
         return None
-    check_cap(max_macs, costs)
+    check_cap(ExitPolicy((0.0,) * model.num_exits, max_macs), costs)
     scores = calibration if isinstance(calibration, ExitScores) else score(model, calibration)
-    model.policy = threshold_policy(scores, costs, dense, mac_fraction, max_macs, fit_scorer(scores) if rule == "learned" else None)
+    model.policy = fit_policy(scores, costs, dense, mac_fraction, max_macs, fit_scorer(scores) if rule == "learned" else None, min_share)
     return model.policy
 
 
+def fit_policy(
+    scores: ExitScores, costs: list[int], dense: int, mac_fraction: float | None, max_macs: int | None = None, scorer: tuple | None = None, min_share: float = MIN_SHARE
+) -> ExitPolicy:
+    """``threshold_policy``, then switch off every head that takes under ``min_share`` of the
+    images and fit the threshold again, until none does (or switching off more heads cannot
+    meet the budget): a head is small in MACs but not in time at batch 1, and every image that
+    passes it pays for it."""
+    policy = threshold_policy(scores, costs, dense, mac_fraction, max_macs, scorer)
+    k = len(costs) - 1
+    while min_share > 0:
+        exit_of, _ = simulate(scores, costs, policy)
+        shares = torch.bincount(exit_of, minlength=k + 1).double() / len(exit_of)
+        forced = policy.forced_exit([c - int(m) for c, m in zip(costs, _saved(scores, policy, k), strict=True)])
+        weak = {i for i in range(k) if policy.runs(i) and i != forced and shares[i] < min_share}
+        if not weak:
+            break
+        try:
+            policy = threshold_policy(scores, costs, dense, mac_fraction, max_macs, scorer, tuple(sorted({*policy.off, *weak})))
+        except LCSurgeryError:
+            break  # without those heads the budget cannot be met
+    return policy
+
+
 def threshold_policy(
-    scores: ExitScores, costs: list[int], dense: int, mac_fraction: float | None, max_macs: int | None = None, scorer: tuple | None = None
+    scores: ExitScores, costs: list[int], dense: int, mac_fraction: float | None, max_macs: int | None = None, scorer: tuple | None = None, off: tuple[int, ...] = ()
 ) -> ExitPolicy:
     """The shared threshold on the exits' scores (confidence, or ``scorer``'s) whose mean cost on
-    ``scores`` is the largest within the budget."""
+    ``scores`` is the largest within the budget, with the heads ``off`` not run."""
     k = scores.confidence.shape[1] - 1
     target = float("inf") if mac_fraction is None else mac_fraction * dense
 
     def mean_cost(t: float) -> float:
-        return float(simulate(scores, costs, ExitPolicy((t,) * k, max_macs, scorer))[1].double().mean())
+        return float(simulate(scores, costs, ExitPolicy((t,) * k, max_macs, scorer, off))[1].double().mean())
 
     values = _scores(scores, ExitPolicy((0.0,) * k, None, scorer))
     candidates = torch.cat([values.flatten().unique(), torch.tensor([2.0])])  # 2.0: nobody leaves early
@@ -164,4 +206,4 @@ def threshold_policy(
             lo = mid
         else:
             hi = mid - 1
-    return ExitPolicy((float(candidates[lo]),) * k, max_macs, scorer)
+    return ExitPolicy((float(candidates[lo]),) * k, max_macs, scorer, off)

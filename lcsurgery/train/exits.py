@@ -26,7 +26,7 @@ from lcsurgery.data.loaders import ArrayLoader, normalization
 from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits
-from lcsurgery.exits.policy import ExitScores, fit_scorer, score, set_budget, simulate, threshold_policy
+from lcsurgery.exits.policy import MIN_SHARE, ExitScores, fit_policy, fit_scorer, score, set_budget, simulate
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.surgery.model import LCModel
@@ -196,7 +196,7 @@ def write_sweep(model: ExitModel, cfg: ExitsConfig, held: ExitScores, test: Exit
     exit_sweep_plot(metrics, out / "sweep.png", title=f"{cfg.model} with exits, {cfg.epochs} epochs of {'joint training' if cfg.joint else 'training' if cfg.train_backbone else 'head training'}")
     half = next((r for r in metrics["sweep"] if r["budget"] == 0.5), None)
     if half is not None:
-        exit_of, _ = simulate(test, model.exit_costs(), ExitPolicy((half["threshold"],) * model.num_exits))
+        exit_of, _ = simulate(test, model.exit_costs(), ExitPolicy((half["threshold"],) * model.num_exits, off=tuple(half["off"])))
         exits_by_class(exit_of, test.labels, classes, [*metrics["exits"], "own head"], out / "exits_by_class.png", title="where each class leaves at half the MACs")
     print(format_sweep(metrics))
     return metrics
@@ -254,11 +254,12 @@ def policy_row(model: ExitModel, test: ExitScores, policy: ExitPolicy) -> dict:
     """Accuracy and cost on the test scores under ``policy``."""
     exit_of, macs = simulate(test, model.exit_costs(), policy)
     correct = test.prediction.gather(1, exit_of[:, None]).squeeze(1) == test.labels
-    return {"threshold": policy.thresholds[0], **exit_summary(correct, exit_of, macs, model.dense_macs(), model.num_exits)}
+    return {"threshold": policy.thresholds[0], "off": list(policy.off), **exit_summary(correct, exit_of, macs, model.dense_macs(), model.num_exits)}
 
 
 def exit_run_at_budget(
-    run: Path, budget: float | None, test_subset: int | None, max_macs: int | None = None, rule: str = "confidence", on: Path | None = None
+    run: Path, budget: float | None, test_subset: int | None, max_macs: int | None = None, rule: str = "confidence", on: Path | None = None,
+    min_share: float = MIN_SHARE,
 ) -> tuple[ExitModel, ExitsConfig, ExitPolicy | None, ArrayLoader]:
     """A finished exits run with its policy set for ``budget`` (and ``max_macs``) on its held-out
     training images, its configuration and policy, and a loader of its first ``test_subset`` test
@@ -267,7 +268,7 @@ def exit_run_at_budget(
     if on is not None and (cfg.run is None or Path(cfg.run).resolve() != Path(on).resolve()):
         raise LCSurgeryError(f"{run} holds exits on {cfg.run or cfg.model}, not on {on}: train them with lcsurgery exits train --run {on}")
     _, held, test = exit_loaders(cfg, model.backbone, test_subset)
-    policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule)
+    policy = set_budget(model, budget, calibration=held, max_macs=max_macs, rule=rule, min_share=min_share)
     return model, cfg, policy, test
 
 
@@ -327,7 +328,7 @@ def _sweep(model: ExitModel, held: ExitScores, test: ExitScores, budgets: list[f
     rows = []
     for b in budgets:
         try:
-            policy = threshold_policy(held, costs, dense, b, scorer=scorer)
+            policy = fit_policy(held, costs, dense, b, scorer=scorer)
         except LCSurgeryError:
             continue  # below the cheapest policy
         row = {"budget": b, "held_out_fraction": float(simulate(held, costs, policy)[1].double().mean() / dense), **policy_row(model, test, policy)}
@@ -367,11 +368,12 @@ def format_sweep(m: dict) -> str:
 
 def _sweep_table(m: dict) -> list[str]:
     lines = [
-        "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit |",
+        "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit (off: head not run) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in m["sweep"]:
-        shares = " / ".join(f"{100 * s:.0f}" for s in r["exit_shares"])
+        off = set(r.get("off", ()))
+        shares = " / ".join("off" if i in off else f"{100 * s:.0f}" for i, s in enumerate(r["exit_shares"]))
         lines.append(f"| {r['budget']:.2f} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |")
     for key, pts in (("best_within_1_point", 1), ("best_within_3_points", 3)):
         best = m.get(key)
