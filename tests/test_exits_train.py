@@ -115,7 +115,7 @@ def test_figure_redraws_the_sweep_and_says_what_a_tradeoff_folder_lacks(run, tmp
     assert main(["exits", "figure", str(root / "run"), "--tradeoff", str(tmp_path)]) == 2
     assert "has no results.json: run lcsurgery bench tradeoff (or --report-only) there first" in capsys.readouterr().err
     assert main(["exits", "figure", str(root / "run"), "--also", str(tmp_path), "--out", str(tmp_path / "both.png")]) == 2
-    assert f"{tmp_path} is not a finished exits run (no metrics.json)" in capsys.readouterr().err
+    assert f"{tmp_path} is not a finished exits run (no sweep in its metrics.json): lcsurgery exits sweep {tmp_path} writes one" in capsys.readouterr().err
 
 
 def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_the_sweeps_numbers(run, capsys):
@@ -207,6 +207,8 @@ def test_finetune_with_exits_writes_an_exits_run_on_its_own_trained_network(join
     assert main(["exits", "evaluate", str(joint), "--budget", str(budget), "--test-subset", "100"]) == 0  # the finetune run stands for its exits
     result = json.loads((joint / "exits" / "evaluate.json").read_text())
     assert result["mac_fraction"] == pytest.approx(next(r for r in sweep["sweep"] if r["budget"] == budget)["mac_fraction"], abs=1e-9)
+    figure = joint.parent / "both.png"  # --also takes a finetune run for its exits, as RUN does
+    assert main(["exits", "figure", str(joint), "--also", str(joint), "--out", str(figure)]) == 0 and figure.stat().st_size > 10_000
 
 
 def test_the_heads_loss_trains_the_heads_and_reaches_the_network(joint, tmp_path):

@@ -101,15 +101,16 @@ def run(args: argparse.Namespace) -> int:
         sweep_run(args.run)
         return 0
     if args.action == "figure":
-        return figure(args.run, Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None, [Path(a) for a in args.also])
+        return figure(args.run, Path(args.tradeoff) if args.tradeoff else None, Path(args.out) if args.out else None, [exit_run_folder(Path(a)) for a in args.also])
     return evaluate(args.run, args.budget, args.max_macs, args.test_subset, args.latency, args.policy, args.min_exit_share)
 
 
 def _finished_sweep(run: Path) -> tuple[dict, dict]:
     """An exits run's metrics and config, or a clear error."""
-    if not (run / "metrics.json").exists():
-        raise LCSurgeryError(f"{run} is not a finished exits run (no metrics.json)")
-    return json.loads((run / "metrics.json").read_text()), json.loads((run / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
+    if "sweep" not in metrics:
+        raise LCSurgeryError(f"{run} is not a finished exits run (no sweep in its metrics.json): lcsurgery exits sweep {run} writes one")
+    return metrics, json.loads((run / "config.json").read_text())
 
 
 def _network_name(cfg: dict) -> str:
