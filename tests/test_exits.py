@@ -77,18 +77,35 @@ def _randomize_heads(e, seed: int = 0) -> None:
             h.fc.weight.copy_(torch.randn(h.fc.weight.shape, generator=g) / h.fc.in_features)  # confident, not saturated
 
 
-@pytest.mark.parametrize(("name", "gated"), [("cifar.resnet20", None), ("tv.resnet18", None), ("tv.mobilenet_v2", None), ("cifar.resnet20", "sequential"), ("tv.resnet18", "parallel")])
-def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name, gated):
+def _scored(name: str, gated: str | None):
+    """Exits with random confident heads on the zoo model, 16 example images and every exit's scores on them."""
     e = _exits(name, gated).eval()
     _randomize_heads(e)
     x = example(name, batch=16, seed=1)
-    scores = score(e, x, progress=False)
+    return e, x, score(e, x, progress=False)
+
+
+def _between(values: torch.Tensor, share: float) -> float:
+    """A threshold between two of ``values`` (no ties) with about ``share`` of them below it."""
+    ordered = values.flatten().sort().values
+    q = int(share * len(ordered))
+    return (float(ordered[q]) + float(ordered[q + 1])) / 2
+
+
+def _assert_batch_one_matches(e, x, exit_of, macs) -> None:
+    """Image by image at batch 1, the same exits and costs (with gates, counted when last_macs is read)."""
+    with torch.no_grad():
+        for n in range(len(x)):
+            e(x[n : n + 1])
+            assert (int(e.last_exit[0]), int(e.last_macs[0])) == (int(exit_of[n]), int(macs[n])), n
+
+
+@pytest.mark.parametrize(("name", "gated"), [("cifar.resnet20", None), ("tv.resnet18", None), ("tv.mobilenet_v2", None), ("cifar.resnet20", "sequential"), ("tv.resnet18", "parallel")])
+def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name, gated):
+    e, x, scores = _scored(name, gated)
     with torch.no_grad():
         every = e.forward_exits(x)
-    inner = scores.confidence[:, :-1].flatten().sort().values
-    q = int(0.93 * len(inner))
-    threshold = float(inner[q] + inner[q + 1]) / 2  # between two scores: no ties
-    e.policy = ExitPolicy((threshold,) * e.num_exits)
+    e.policy = ExitPolicy((_between(scores.confidence[:, :-1], 0.93),) * e.num_exits)
     with torch.no_grad():
         out = e(x)
     exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
@@ -96,18 +113,12 @@ def test_engine_runs_the_policy_as_replayed_on_every_exits_scores(name, gated):
     assert 0 < int((exit_of < e.num_exits).sum()) < len(x), "the test needs images leaving early and going on"
     expected = torch.stack([every[i][n] for n, i in enumerate(exit_of.tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # batch 1: the same exits and costs (with gates, counted when last_macs is read)
-        for n in range(len(x)):
-            e(x[n : n + 1])
-            assert (int(e.last_exit[0]), int(e.last_macs[0])) == (int(exit_of[n]), int(macs[n])), n
+    _assert_batch_one_matches(e, x, exit_of, macs)
 
 
 @pytest.mark.parametrize("gated", [None, "sequential"])
 def test_engine_runs_a_learned_policy_as_replayed(gated):
-    e = _exits("cifar.resnet20", gated).eval()
-    _randomize_heads(e)
-    x = example("cifar.resnet20", batch=16, seed=1)
-    scores = score(e, x, progress=False)
+    e, x, scores = _scored("cifar.resnet20", gated)
     # a learned policy, fitted on labelled scores (exit 0 right on odd images, the network's head on even ones), run by the engine as replayed
     scores.labels = torch.where(torch.arange(len(x)) % 2 == 1, scores.prediction[:, 0], scores.prediction[:, -1])
     scorer = fit_scorer(scores)
@@ -122,16 +133,11 @@ def test_engine_runs_a_learned_policy_as_replayed(gated):
 
 @pytest.mark.parametrize("gated", [None, "sequential"])
 def test_heads_switched_off_are_neither_run_nor_charged(gated):
-    e = _exits("cifar.resnet20", gated).eval()
-    _randomize_heads(e)
-    x = example("cifar.resnet20", batch=16, seed=1)
-    scores = score(e, x, progress=False)
+    e, x, scores = _scored("cifar.resnet20", gated)
     calls = [0] * e.num_exits
     for i, head in enumerate(e.heads):
         head.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-    inner = scores.confidence[:, 1:-1].flatten().sort().values
-    q = int(0.9 * len(inner))
-    e.policy = ExitPolicy(((float(inner[q]) + float(inner[q + 1])) / 2,) * e.num_exits, off=(0, 2))
+    e.policy = ExitPolicy((_between(scores.confidence[:, 1:-1], 0.9),) * e.num_exits, off=(0, 2))
     with torch.no_grad():
         e(x)
     exit_of, macs = simulate(scores, e.exit_costs(), e.policy)
@@ -143,10 +149,7 @@ def test_heads_switched_off_are_neither_run_nor_charged(gated):
     assert off == [c - heads[0] - (heads[2] if i >= 2 else 0) for i, c in enumerate(e.exit_costs())]
     if gated is None:  # every image pays the segments it ran and the heads that ran
         assert macs.tolist() == [off[i] for i in exit_of.tolist()]
-    with torch.no_grad():
-        for n in range(len(x)):
-            e(x[n : n + 1])
-            assert (int(e.last_exit[0]), int(e.last_macs[0])) == (int(exit_of[n]), int(macs[n])), n
+    _assert_batch_one_matches(e, x, exit_of, macs)
     assert calls[0] == calls[2] == 0
 
 

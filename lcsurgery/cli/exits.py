@@ -31,7 +31,7 @@ from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
 from lcsurgery.exits.policy import MIN_SHARE, RULES
 from lcsurgery.models.factory import SPEC_HELP, create_model
-from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_run_folder, exit_summary, run_exits, sweep_run, train_exits
+from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_run_folder, exit_summary, format_shares, run_exits, sweep_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
 
@@ -166,8 +166,7 @@ def evaluate(
         "heads_off": [model.points[i].name for i in policy.off] if policy else [], "dense_macs": dense,
         "test_images": len(r["macs"]), **exit_summary(r["prediction"] == r["label"], r["exit"], r["macs"], dense, model.num_exits),
     }  # fmt: skip
-    off = set(policy.off if policy else ())
-    shares = " / ".join("off" if i in off else f"{100 * s:.0f}%" for i, s in enumerate(result["exit_shares"]))
+    shares = format_shares(result["exit_shares"], policy.off if policy else (), "%")
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {result['test_images']} test images; "
           f"per-image MACs p90/p10 {result['p90_over_p10']:.2f}, most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
     if latency:

@@ -139,14 +139,14 @@ class ExitModel(nn.Module):
         """MACs of an image that leaves at exit i (segments up to it, the heads 0..i that run: all
         but ``off``), and last the MACs of one that runs to the end; counted by fvcore once per size.
         With gates, every gate open: the most an image can cost there (``last_macs`` has its own)."""
-        c = self._counts(tuple(input_size or self.input_size))
-        heads = [0 if i in off else m for i, m in enumerate(c.heads)]
+        size = tuple(input_size or self.input_size)
+        c, heads = self._counts(size), self.head_macs(size, off)
         spent = [sum(c.segments[: i + 1]) + sum(heads[: i + 1]) for i in range(self.num_exits)]
         return [*spent, sum(c.segments) + sum(heads)]
 
-    def head_macs(self, input_size: tuple[int, ...] | None = None) -> list[int]:
-        """MACs of each exit head."""
-        return list(self._counts(tuple(input_size or self.input_size)).heads)
+    def head_macs(self, input_size: tuple[int, ...] | None = None, off: Sequence[int] = ()) -> list[int]:
+        """MACs of each exit head (0 for the heads ``off``, which are not run)."""
+        return [0 if i in off else m for i, m in enumerate(self._counts(tuple(input_size or self.input_size)).heads)]
 
     def dense_macs(self, input_size: tuple[int, ...] | None = None) -> int:
         """MACs of the original network (no head run, no gate; for a pruned run's network, before pruning)."""
@@ -226,7 +226,7 @@ class ExitModel(nn.Module):
         costs = self.exit_costs(size, policy.off)
         check_cap(policy, costs)
         forced = policy.forced_exit(costs)
-        heads = self._counts(size).heads
+        heads = self.head_macs(size, policy.off)
         if len(x) == 1:
             return self._run_one(x, policy, costs, forced, size)
         n = len(x)
@@ -237,11 +237,10 @@ class ExitModel(nn.Module):
         h = x
         for i in range(self.num_exits):
             h = self.segment(i, h)
+            macs[idx.cpu()] += self._spent(i, size, len(h)) + heads[i]
             if not policy.runs(i):
-                macs[idx.cpu()] += self._spent(i, size, len(h))
                 continue
             logits = self.heads[i](h)
-            macs[idx.cpu()] += self._spent(i, size, len(h)) + heads[i]
             if out is None:
                 out = logits.new_empty((n, *logits.shape[1:]))
             leave = policy.score_logits(i, logits) >= policy.thresholds[i]
@@ -285,8 +284,7 @@ class ExitModel(nn.Module):
         at batch 1 with gates it is counted from the gates' states when read)."""
         if self._pending is not None:
             i, size, off = self._pending
-            heads = [m for j, m in enumerate(self._counts(size).heads[: i + 1]) if j not in off]
-            spent = sum(int(self._spent(j, size, 1)) for j in range(i + 1)) + sum(heads)
+            spent = sum(int(self._spent(j, size, 1)) for j in range(i + 1)) + sum(self.head_macs(size, off)[: i + 1])
             self._last_macs, self._pending = torch.tensor([spent]), None
         return self._last_macs
 

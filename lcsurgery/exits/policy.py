@@ -68,7 +68,7 @@ def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[
     neither run nor charged)."""
     n, k = len(scores), scores.confidence.shape[1] - 1
     saved = _saved(scores, policy, k)
-    costs = [c - int(m) for c, m in zip(costs, saved, strict=True)]
+    costs = _costs_under(costs, saved)
     check_cap(policy, costs)
     leave = _scores(scores, policy) >= torch.tensor(policy.thresholds)
     forced = policy.forced_exit(costs)
@@ -88,6 +88,11 @@ def _saved(scores: ExitScores, policy: ExitPolicy, k: int) -> Tensor:
         raise LCSurgeryError("a policy with heads off needs the heads' MACs in the scores: score the images with lcsurgery.exits.policy.score")
     off = torch.tensor([0 if policy.runs(i) else m for i, m in enumerate(scores.heads)] + [0], dtype=torch.long)
     return off.cumsum(0)
+
+
+def _costs_under(costs: list[int], saved: Tensor) -> list[int]:
+    """``ExitModel.exit_costs`` with every head, less the switched-off heads' MACs ``saved`` (``_saved``)."""
+    return [c - int(m) for c, m in zip(costs, saved, strict=True)]
 
 
 def _scores(scores: ExitScores, policy: ExitPolicy) -> Tensor:
@@ -172,7 +177,7 @@ def fit_policy(
     while min_share > 0:
         exit_of, _ = simulate(scores, costs, policy)
         shares = torch.bincount(exit_of, minlength=k + 1).double() / len(exit_of)
-        forced = policy.forced_exit([c - int(m) for c, m in zip(costs, _saved(scores, policy, k), strict=True)])
+        forced = policy.forced_exit(_costs_under(costs, _saved(scores, policy, k)))
         weak = {i for i in range(k) if policy.runs(i) and i != forced and shares[i] < min_share}
         if not weak:
             break

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -366,14 +367,18 @@ def format_sweep(m: dict) -> str:
     return "\n".join(lines)
 
 
+def format_shares(shares: list[float], off: Sequence[int] = (), unit: str = "") -> str:
+    """The share of images leaving at each exit, in percent ("off" for a head switched off)."""
+    return " / ".join("off" if i in off else f"{100 * s:.0f}{unit}" for i, s in enumerate(shares))
+
+
 def _sweep_table(m: dict) -> list[str]:
     lines = [
         "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit (off: head not run) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in m["sweep"]:
-        off = set(r.get("off", ()))
-        shares = " / ".join("off" if i in off else f"{100 * s:.0f}" for i, s in enumerate(r["exit_shares"]))
+        shares = format_shares(r["exit_shares"], r.get("off", ()))
         lines.append(f"| {r['budget']:.2f} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |")
     for key, pts in (("best_within_1_point", 1), ("best_within_3_points", 3)):
         best = m.get(key)
