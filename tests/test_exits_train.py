@@ -4,6 +4,7 @@ and ``lcsurgery exits evaluate`` on the built-in task."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from zoo import randomize_gates
 
 import lcsurgery
+from lcsurgery.bench import tradeoff
 from lcsurgery.cli import main
 from lcsurgery.data.loaders import ArrayLoader, normalization
 from lcsurgery.data.sources import load_arrays
@@ -209,6 +211,18 @@ def test_finetune_with_exits_writes_an_exits_run_on_its_own_trained_network(join
     assert result["mac_fraction"] == pytest.approx(next(r for r in sweep["sweep"] if r["budget"] == budget)["mac_fraction"], abs=1e-9)
     figure = joint.parent / "both.png"  # --also takes a finetune run for its exits, as RUN does
     assert main(["exits", "figure", str(joint), "--also", str(joint), "--out", str(figure)]) == 0 and figure.stat().st_size > 10_000
+
+
+def test_trade_off_rows_set_an_exits_run_to_a_budget_its_sweep_skipped_as_the_sweep_would(joint, tmp_path):
+    folder = tmp_path / "exits"
+    shutil.copytree(joint / "exits", folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    row = metrics["sweep"][len(metrics["sweep"]) // 2]
+    metrics["sweep"].remove(row)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    again = tradeoff._at_budget(folder, row["budget"])
+    assert again["val_accuracy"] == pytest.approx(row["accuracy"], abs=1e-6) and again["p90_over_p10"] == pytest.approx(row["p90_over_p10"])
+    assert again["mean_macs"] == pytest.approx(row["mac_fraction"] * metrics["dense_macs"]) and again["images"] == 100
 
 
 def test_the_heads_loss_trains_the_heads_and_reaches_the_network(joint, tmp_path):

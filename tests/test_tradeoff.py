@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lcsurgery.bench import tradeoff
+from lcsurgery.cli import main
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.train.config import FinetuneConfig
 
@@ -98,3 +99,37 @@ def test_runs_trained_in_parallel_processes_match_runs_trained_in_this_one(tmp_p
     for a, b in zip(one, two, strict=True):
         assert (a["val_accuracy"], a["mean_macs"]) == (b["val_accuracy"], b["mean_macs"]), a["run"]
     assert "epoch 1: val accuracy" in (tmp_path / "two" / "sequential-50" / "train.log").read_text()
+
+
+def test_exits_rows_train_above_their_budget_with_exits_and_static_or_dynamic_gates(tmp_path):
+    runs = {r.name: r for r in tradeoff.plan(FinetuneConfig(model=TINY, teacher="dense"), [0.5, 0.35], tmp_path, seeds=[0, 1], exits=True)}
+    for name, kind, static in (("exits-sequential-35-s1", "dynamic+exits", False), ("exits-static-sequential-35-s1", "static+exits", True)):
+        r = runs[name]
+        assert (r.kind, r.seed, r.budget, r.cfg.budget, r.cfg.static, r.cfg.exits, r.cfg.placement) == (kind, 1, 0.35, 0.45, static, ["macs"], "sequential")
+    assert runs["exits-sequential-50"].cfg.budget == 0.6 and runs["sequential-50"].cfg.exits is None and runs["sequential-50"].budget == 0.5
+    assert tradeoff.plan(FinetuneConfig(model=TINY), [0.95], tmp_path, exits=True)[-1].cfg.budget == 1.0
+    with pytest.raises(LCSurgeryError, match="the trade-off base run has exits: pass exits=True"):
+        tradeoff.plan(FinetuneConfig(model=TINY, exits=[]), [0.5], tmp_path)
+
+
+def test_exits_rows_report_the_sweep_at_their_budget_against_the_dense_networks_macs(tmp_path):
+    base = FinetuneConfig(model=TINY, teacher="dense", epochs=1)
+    planned = {r.name: r for r in tradeoff.plan(base, [0.5], tmp_path, exits=True)}
+    results = {"dense": (0.90, 1.0, None), "static-sequential-50": (0.86, 0.50, 1), "sequential-50": (0.865, 0.50, 3), "parallel-50": (0.85, 0.50, 2)}
+    for name, (acc, frac, patterns) in results.items():
+        _finished(planned[name], acc, frac, patterns)
+    for name, acc, own_dense in (("exits-static-sequential-50", 0.87, 990.0), ("exits-sequential-50", 0.88, DENSE_MACS)):
+        _finished(planned[name], 0.89, 0.6, 4)  # the network's own head, at the budget it trained for
+        sweep = [{"budget": b, "accuracy": acc - 0.01 * (b == 0.45), "mac_fraction": b + 0.004, "p90_over_p10": 2.25} for b in (0.45, 0.5)]
+        (Path(planned[name].cfg.out) / "exits").mkdir()
+        (Path(planned[name].cfg.out) / "exits" / "metrics.json").write_text(json.dumps({"sweep": sweep, "dense_macs": own_dense, "test_images": 100}))
+    assert main(["bench", "tradeoff", "--model", TINY, "--teacher", "dense", "--epochs", "1", "--budgets", "0.5", "--exits", "--report-only", "--out", str(tmp_path)]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    static = rows["exits-static-sequential-50"]
+    assert (static["val_accuracy"], static["budget"], static["trained_for"]) == (0.87, 0.5, 0.6)
+    assert static["mac_fraction"] == pytest.approx(0.504 * 990 / DENSE_MACS) and static["within_5pct_of_budget"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| 0.50 | LC-Net dynamic, sequential + exits (trained for 0.60) | 88.00% | 88.00 | -2.00 | 0.504 | 2.25 | - | - |" in table
+    assert "- budget 0.50: dynamic + exits minus static gates: +2.00 points of top-1" in table
+    assert "- budget 0.50: dynamic + exits minus static gates + exits: +1.00 points of top-1" in table
+    assert "- budget 0.50: dynamic (sequential) minus static gates: +0.50 points of top-1" in table

@@ -6,7 +6,10 @@ controller, bias only, one mask for every image); Torch-Pruning pruned to the bu
 fine-tuned (``--baselines torch-pruning``); and LC-Net's dynamic gates under both placements.
 With ``--seeds 0 1`` every run but the dense teacher is repeated per seed and the table gives
 the mean and each seed. ``--recipes`` adds sequential rows trained with the per-image gate
-options (``RECIPES``), so the recipes meet the default and the baselines on one table. Every run
+options (``RECIPES``), so the recipes meet the default and the baselines on one table. ``--exits``
+adds per budget the dynamic and the static gates trained with early exits (``finetune --exits``)
+a margin above the budget and set to it with ``set_budget`` on held-out training images: the rows
+where per-image computation comes from exits as well as gates. Every run
 is an ordinary ``lcsurgery finetune`` run folder under ``--out``: finished runs are reused (if
 their configuration matches) and interrupted ones resumed. Writes ``results.json``,
 ``results.md`` and ``tradeoff.png``.
@@ -31,7 +34,8 @@ from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.loop import finetune
 
 BASELINES = ("static", "torch-pruning")
-KIND_ORDER = ("dense", "static", "torch-pruning", "dynamic")
+KIND_ORDER = ("dense", "static", "torch-pruning", "dynamic", "static+exits", "dynamic+exits")
+EXIT_MARGIN = 0.1  # exits runs train this far above their budget, which the exits then bring them down to
 # Gate-training recipes that make the gates decide per image: the options each sets over the base run.
 RECIPES: dict[str, dict] = {
     "std": {"gate_input_momentum": 0.05},
@@ -55,10 +59,11 @@ class Planned:
     """One run of the benchmark: its folder name, what it is, and its configuration."""
 
     name: str
-    kind: str  # dense, static, torch-pruning or dynamic
+    kind: str  # one of KIND_ORDER
     seed: int
     cfg: FinetuneConfig
     recipe: str = "default"  # for dynamic runs: "default" or a key of RECIPES
+    budget: float | None = None  # the row's MAC budget: cfg.budget, or for exits runs the budget set_budget gives them
 
 
 def plan(
@@ -69,17 +74,24 @@ def plan(
     baselines: tuple[str, ...] = ("static",),
     recipes: tuple[str, ...] = (),
     recipe_budgets: list[float] | None = None,
+    exits: bool = False,
+    exit_margin: float = EXIT_MARGIN,
 ) -> list[Planned]:
     """The dense run first (never distilled, seed 0), then per seed and budget the baselines, the
-    dynamic runs of both placements and one sequential run per recipe (at ``recipe_budgets`` only,
-    default every budget); ``teacher="dense"`` makes every other run distil from the benchmark's
-    own dense run."""
+    dynamic runs of both placements, one sequential run per recipe (at ``recipe_budgets`` only,
+    default every budget) and with ``exits`` the static and dynamic sequential runs trained with
+    exits at ``budget + exit_margin``; ``teacher="dense"`` makes every other run distil from the
+    benchmark's own dense run."""
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise LCSurgeryError(f"unknown baselines {sorted(unknown)}: choose from {', '.join(BASELINES)}")
     unknown = set(recipes) - set(RECIPES)
     if unknown:
         raise LCSurgeryError(f"unknown recipes {sorted(unknown)}: choose from {', '.join(RECIPES)}")
+    if base.exits is not None:
+        raise LCSurgeryError("the trade-off base run has exits: pass exits=True (--exits) to add rows with exits beside the others")
+    if exits and not 0 <= exit_margin < 1:
+        raise LCSurgeryError(f"the exits runs' margin must be in [0, 1), got {exit_margin}")
     dense = dataclasses.replace(base, dense=True, budget=None, teacher=None, static=False, per_image_loss="none", seed=0, out=str(out / "dense"))
     runs = [Planned("dense", "dense", 0, dense)]
     if base.teacher == "dense":
@@ -98,7 +110,11 @@ def plan(
             for recipe in recipes if recipe_budgets is None or b in recipe_budgets else ():
                 cfg = dataclasses.replace(base, placement="sequential", **RECIPES[recipe], **common)
                 runs.append(Planned(f"{recipe}-sequential-{pct}{suffix}", "dynamic", seed, cfg, recipe))
-    return [dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, out=str(out / r.name))) for r in runs]
+            if exits:
+                trained = dict(placement="sequential", per_image_loss="none", exits=["macs"], budget=round(min(1.0, b + exit_margin), 6), seed=seed)
+                for kind, name, static in (("static+exits", "exits-static-sequential", True), ("dynamic+exits", "exits-sequential", False)):
+                    runs.append(Planned(f"{name}-{pct}{suffix}", kind, seed, dataclasses.replace(base, static=static, **trained), budget=b))
+    return [dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, out=str(out / r.name)), budget=r.cfg.budget if r.budget is None else r.budget) for r in runs]
 
 
 def _check_same(run: Planned) -> None:
@@ -121,11 +137,13 @@ def run(
     recipes: tuple[str, ...] = (),
     recipe_budgets: list[float] | None = None,
     jobs: int = 1,
+    exits: bool = False,
+    exit_margin: float = EXIT_MARGIN,
 ) -> list[dict]:
     """Run (or reuse) every fine-tune, then tabulate and plot; ``train=False`` reports the finished
     runs only. ``jobs > 1`` trains that many runs at once in separate processes (after the dense
     run, which the others distil from), each with an equal share of the CPU threads."""
-    planned = plan(base, budgets, out, list(seeds), tuple(baselines), tuple(recipes), recipe_budgets)
+    planned = plan(base, budgets, out, list(seeds), tuple(baselines), tuple(recipes), recipe_budgets, exits, exit_margin)
     todo = [r for r in planned if not (Path(r.cfg.out) / "metrics.json").exists()]
     if train:
         for r in todo:
@@ -142,16 +160,19 @@ def run(
         m = json.loads((folder / "metrics.json").read_text())
         dyn = m.get("dynamics") or {}
         rows.append({
-            "run": r.name, "kind": r.kind, "recipe": r.recipe, "seed": r.seed, "placement": m.get("placement"), "budget": m.get("budget"),
+            "run": r.name, "kind": r.kind, "recipe": r.recipe, "seed": r.seed, "placement": m.get("placement"), "budget": r.budget,
             "val_accuracy": m["val_accuracy"], "mean_macs": m["mean_macs"], "dense_macs": m["dense_macs"],
             "mac_fraction": m["mean_macs"] / m["dense_macs"], "macs_by_placement": m.get("mean_macs_by_placement"),
             "p90_over_p10": (dyn.get("mac_fraction") or {}).get("p90_over_p10"), "distinct_patterns": dyn.get("distinct_patterns"),
             "conditional_gates": dyn.get("conditional_gates"), "images": dyn.get("images"),
         })  # fmt: skip
+        if r.kind.endswith("+exits"):
+            rows[-1].update(_at_budget(folder / "exits", r.budget), trained_for=r.cfg.budget, macs_by_placement=None, distinct_patterns=None, conditional_gates=None)
     dense = next((r for r in rows if r["kind"] == "dense"), None)
     if dense is None:
         raise LCSurgeryError(f"no finished dense run in {out}: the table compares against it")
     for r in rows:
+        r["mac_fraction"] = r["mean_macs"] / dense["dense_macs"]  # every row against the same network: a gated one counts its gates
         r["accuracy_change_points"] = 100 * (r["val_accuracy"] - dense["val_accuracy"])
         r["within_5pct_of_budget"] = None if r["budget"] is None else abs(r["mac_fraction"] - r["budget"]) <= 0.05 * r["budget"]
     groups = summarise(rows)
@@ -165,6 +186,21 @@ def run(
     tradeoff_plot(groups, out / "tradeoff.png", title=f"{base.model} on {Path(base.data).name}, {base.epochs} epochs per run")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'tradeoff.png'}")
     return rows
+
+
+def _at_budget(exits_run: Path, budget: float) -> dict:
+    """An exits run's test-set top-1, mean MACs and p90/p10 with its policy set to ``budget`` on
+    its held-out images: its sweep's row, or when the sweep has none at that budget, a new one."""
+    m = json.loads((exits_run / "metrics.json").read_text())
+    row = next((s for s in m["sweep"] if abs(s["budget"] - budget) < 1e-9), None)
+    if row is None:
+        from lcsurgery.exits.policy import score
+        from lcsurgery.train.exits import exit_run_at_budget, policy_row
+
+        subset = json.loads((exits_run / "config.json").read_text()).get("test_subset")  # the test images its sweep scored
+        model, _, policy, test = exit_run_at_budget(exits_run, budget, subset)
+        row = policy_row(model, score(model, test, progress=False), policy)
+    return {"val_accuracy": row["accuracy"], "mean_macs": row["mac_fraction"] * m["dense_macs"], "p90_over_p10": row["p90_over_p10"], "images": m["test_images"]}
 
 
 def _train(r: Planned) -> None:
@@ -228,12 +264,14 @@ def summarise(rows: list[dict]) -> list[dict]:
             "mac_fraction": mean("mac_fraction"), "fractions": [r["mac_fraction"] for r in members], "dense_macs": dense["dense_macs"],
             "accuracy_change_points": 100 * (mean("val_accuracy") - dense["val_accuracy"]),
             "p90_over_p10": mean("p90_over_p10"), "distinct_patterns": mean("distinct_patterns"), "conditional_gates": mean("conditional_gates"),
-            "images": members[0]["images"], "macs_by_placement": members[0]["macs_by_placement"],
+            "images": members[0]["images"], "macs_by_placement": members[0]["macs_by_placement"], "trained_for": members[0].get("trained_for"),
         })  # fmt: skip
     return groups
 
 
 def _label(g: dict) -> str:
+    if g["kind"].endswith("+exits"):
+        return ("LC-Net dynamic, sequential" if g["kind"] == "dynamic+exits" else "LC-Net static gates") + f" + exits (trained for {g['trained_for']:.2f})"
     if g["kind"] == "dynamic":
         recipe = RECIPE_LABELS[g["recipe"]]
         return f"LC-Net dynamic, {g['placement']}" + (f", {recipe}" if recipe else "")
@@ -259,11 +297,14 @@ def format_table(groups: list[dict]) -> str:
     verdicts = []
     for budget in sorted({g["budget"] for g in groups if g["budget"] is not None}, reverse=True):
         at = {(g["kind"], g["placement"]): g for g in groups if g["budget"] == budget and g["recipe"] == "default"}
-        dynamic = [g for g in groups if g["budget"] == budget and (g["kind"], g["placement"]) == ("dynamic", "sequential")]
+        dynamic = [g for g in groups if g["budget"] == budget and (g["kind"], g["placement"]) in (("dynamic", "sequential"), ("dynamic+exits", "sequential"))]
         for dyn in dynamic:
             recipe = dyn["recipe"]
-            name_of_dyn = "dynamic (sequential)" if recipe == "default" else f"dynamic (sequential, {recipe})"
-            for key, name in ((("static", "sequential"), "static gates"), (("torch-pruning", None), "Torch-Pruning")):
+            name_of_dyn = "dynamic + exits" if dyn["kind"] == "dynamic+exits" else "dynamic (sequential)" if recipe == "default" else f"dynamic (sequential, {recipe})"
+            others = (("static", "sequential"), "static gates"), (("torch-pruning", None), "Torch-Pruning")
+            if dyn["kind"] == "dynamic+exits":
+                others += ((("static+exits", "sequential"), "static gates + exits"),)
+            for key, name in others:
                 if key in at:
                     change = 100 * (dyn["val_accuracy"] - at[key]["val_accuracy"])
                     verdicts.append(f"- budget {budget:.2f}: {name_of_dyn} minus {name}: {change:+.2f} points of top-1")

@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--baselines", nargs="*", choices=tradeoff.BASELINES, default=["static"], help="static rows beside the dynamic ones: LC-Net's gates made static, and Torch-Pruning (needs lcsurgery[compare])")
     tr.add_argument("--recipes", nargs="*", choices=tuple(tradeoff.RECIPES), default=[], help="sequential rows trained with per-image gate options, beside the default recipe")
     tr.add_argument("--recipe-budgets", nargs="+", type=float, help="train the --recipes rows at these budgets only (default: every budget)")
+    tr.add_argument("--exits", dest="exit_rows", action="store_true", help="add per budget the dynamic and the static gates trained with early exits a margin above the budget (finetune --exits) and set to it on held-out training images")
+    tr.add_argument("--exit-margin", type=float, default=tradeoff.EXIT_MARGIN, help="how far above its budget an --exits run trains (its fraction of the dense MACs)")
     tr.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with an equal share of the CPU threads (the dense run goes first: the others distil from it)")
     tr.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs, train nothing")
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise LCSurgeryError(f"--jobs must be at least 1, got {args.jobs}")
         tradeoff.run(
             base, args.budgets, Path(args.out), train=not args.report_only, seeds=args.seeds, baselines=tuple(args.baselines), recipes=tuple(args.recipes),
-            recipe_budgets=args.recipe_budgets, jobs=args.jobs,
+            recipe_budgets=args.recipe_budgets, jobs=args.jobs, exits=args.exit_rows, exit_margin=args.exit_margin,
         )  # fmt: skip
     if args.benchmark == "budget":
         if bool(args.data) != bool(args.checkpoint):

@@ -49,12 +49,14 @@ SERIES_STYLE = {
     ("static", "sequential"): ("tab:green", "D", "--", "LC-Net static gates"),
     ("static", "parallel"): ("tab:olive", "d", "--", "LC-Net static gates, parallel"),
     ("torch-pruning", None): ("tab:purple", "^", ":", "Torch-Pruning"),
+    ("static+exits", "sequential"): ("tab:brown", "X", "--", "LC-Net static gates + exits"),
+    ("dynamic+exits", "sequential"): ("tab:red", "P", "-", "LC-Net dynamic + exits"),
 }
 
 
 def tradeoff_plot(groups: list[dict], path: Path, title: str = "") -> Path:
     """Top-1 accuracy against mean MACs per image: one line per kind of run (dynamic gates per
-    placement, static gates, Torch-Pruning), the seeds' range as error bars, the dense model as a
+    placement, static gates, Torch-Pruning, gates with exits), the seeds' range as error bars, the dense model as a
     star, and the per-image recipes as gray points."""
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     for (kind, placement), (color, marker, style, label) in SERIES_STYLE.items():
