@@ -213,6 +213,13 @@ def test_finetune_with_exits_writes_an_exits_run_on_its_own_trained_network(join
     assert main(["exits", "figure", str(joint), "--also", str(joint), "--out", str(figure)]) == 0 and figure.stat().st_size > 10_000
 
 
+def test_the_sweep_of_a_gated_network_ends_at_its_own_cost_and_says_so(joint):
+    metrics = json.loads((joint / "exits" / "metrics.json").read_text())
+    top = max(r["budget"] for r in metrics["sweep"])
+    assert top < 1 and abs(top - round(top, 2)) > 1e-9  # the gated network run to the end costs under the dense MACs
+    assert f"| {top:.3f} (no early exit) |" in (joint / "exits" / "sweep.md").read_text()
+
+
 def test_trade_off_rows_set_an_exits_run_to_a_budget_its_sweep_skipped_as_the_sweep_would(joint, tmp_path):
     folder = tmp_path / "exits"
     shutil.copytree(joint / "exits", folder)

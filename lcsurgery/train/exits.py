@@ -379,7 +379,8 @@ def _sweep_table(m: dict) -> list[str]:
     ]
     for r in m["sweep"]:
         shares = format_shares(r["exit_shares"], r.get("off", ()))
-        lines.append(f"| {r['budget']:.2f} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |")
+        budget = f"{r['budget']:.2f}" if abs(r["budget"] - round(r["budget"], 2)) < 1e-9 else f"{r['budget']:.3f} (no early exit)"  # the sweep's top: what the network costs run to the end
+        lines.append(f"| {budget} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |")
     for key, pts in (("best_within_1_point", 1), ("best_within_3_points", 3)):
         best = m.get(key)
         if best:
