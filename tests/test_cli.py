@@ -36,7 +36,8 @@ def test_demo_end_to_end_on_the_built_in_task(capsys, tmp_path):
     for name in ("tradeoff", "extreme_images", "channel_heatmap", "macs_histogram", "skip_rates", "gate_usage", "exits_sweep"):
         with Image.open(out / "figures" / f"{name}.png") as im:
             assert im.width >= 400 and im.height >= 300, name
-    assert (out / "exits" / "exits_extremes.png").stat().st_size > 10_000
+    assert (out / "exits" / "exits_extremes.png").stat().st_size > 10_000 and (out / "exits" / "exits_channels.png").stat().st_size > 10_000
+    assert evaluated["distinct_patterns"] > 1 and evaluated["conditional_gates"] > 0  # images that left early ran fewer gates
     assert main(["compare", str(out / "parallel-50"), "--exits", str(out / "exits")]) == 2  # exits on another run's network
     assert f"holds exits on {out / 'sequential-50'}, not on {out / 'parallel-50'}" in capsys.readouterr().err
     assert main(args) == 0  # finished runs are reused, not retrained

@@ -148,6 +148,10 @@ def test_exits_on_a_gated_run_charge_each_image_its_gates_and_the_engine_gives_t
     result = json.loads((root / "both" / "evaluate.json").read_text())
     row = next(r for r in metrics["sweep"] if r["budget"] == budget)
     assert result["mac_fraction"] == pytest.approx(row["mac_fraction"], abs=1e-9) and result["mac_fraction"] < report.ratio
+    # what ran, counted from the engine's exits as the sweep counted it from the replayed ones
+    assert (result["distinct_patterns"], result["conditional_gates"]) == (row["distinct_patterns"], pytest.approx(row["conditional_gates"]))
+    assert result["distinct_patterns"] > len(set(report.per_sample.tolist())) // 2 and (root / "both" / "exits_channels.png").stat().st_size > 10_000
+    assert f"| {row['distinct_patterns']} | {100 * row['conditional_gates']:.1f}% |" in (root / "both" / "sweep.md").read_text()
     assert main(["exits", "train", "--run", str(gated), "--checkpoint", str(root / "r20.pt"), "--data", DATA, "--out", str(root / "bad")]) == 2
     assert "--run brings its own trained weights: drop --checkpoint and --pretrained" in capsys.readouterr().err
     assert main(["exits", "train", "--run", str(gated), "--train-backbone", "--data", DATA, "--out", str(root / "bad")]) == 2

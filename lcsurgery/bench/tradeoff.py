@@ -167,7 +167,7 @@ def run(
             "conditional_gates": dyn.get("conditional_gates"), "images": dyn.get("images"),
         })  # fmt: skip
         if r.kind.endswith("+exits"):
-            rows[-1].update(_at_budget(folder / "exits", r.budget), trained_for=r.cfg.budget, macs_by_placement=None, distinct_patterns=None, conditional_gates=None)
+            rows[-1].update(_at_budget(folder / "exits", r.budget), trained_for=r.cfg.budget, macs_by_placement=None)
     dense = next((r for r in rows if r["kind"] == "dense"), None)
     if dense is None:
         raise LCSurgeryError(f"no finished dense run in {out}: the table compares against it")
@@ -189,8 +189,9 @@ def run(
 
 
 def _at_budget(exits_run: Path, budget: float) -> dict:
-    """An exits run's test-set top-1, mean MACs and p90/p10 with its policy set to ``budget`` on
-    its held-out images: its sweep's row, or when the sweep has none at that budget, a new one."""
+    """An exits run's test-set top-1, mean MACs, p90/p10, distinct patterns and conditional gates
+    (of what each image ran, up to its exit) with its policy set to ``budget`` on its held-out
+    images: its sweep's row, or when the sweep has none at that budget, a new one."""
     m = json.loads((exits_run / "metrics.json").read_text())
     row = next((s for s in m["sweep"] if abs(s["budget"] - budget) < 1e-9), None)
     if row is None:
@@ -200,7 +201,10 @@ def _at_budget(exits_run: Path, budget: float) -> dict:
         subset = json.loads((exits_run / "config.json").read_text()).get("test_subset")  # the test images its sweep scored
         model, _, policy, test = exit_run_at_budget(exits_run, budget, subset)
         row = policy_row(model, score(model, test, progress=False), policy)
-    return {"val_accuracy": row["accuracy"], "mean_macs": row["mac_fraction"] * m["dense_macs"], "p90_over_p10": row["p90_over_p10"], "images": m["test_images"]}
+    return {
+        "val_accuracy": row["accuracy"], "mean_macs": row["mac_fraction"] * m["dense_macs"], "p90_over_p10": row["p90_over_p10"], "images": m["test_images"],
+        "distinct_patterns": row.get("distinct_patterns"), "conditional_gates": row.get("conditional_gates"),
+    }  # fmt: skip
 
 
 def _train(r: Planned) -> None:
@@ -308,4 +312,6 @@ def format_table(groups: list[dict]) -> str:
                 if key in at:
                     change = 100 * (dyn["val_accuracy"] - at[key]["val_accuracy"])
                     verdicts.append(f"- budget {budget:.2f}: {name_of_dyn} minus {name}: {change:+.2f} points of top-1")
+    if any(g["kind"].endswith("+exits") and g["distinct_patterns"] is not None for g in groups):
+        verdicts.append("- with exits, patterns and conditional gates count what each image ran: its own gates up to the exit it left at, and that exit")
     return "\n".join(lines + ([""] + verdicts if verdicts else []))

@@ -4,8 +4,9 @@ Offline by default: the built-in shapes task (generated on the fly) and a ResNet
 project trained on it and ships. The demo fine-tunes a dense baseline, LC-Net's gates made
 static and LC-Net at one MAC budget for each placement, trains early exits on the sequential
 run's network, prints the accuracy-MACs table and the placement comparison (paper Table 1, with
-CPU latency, and a row with the exits at 0.8 of the budget), and writes the figures: a few
-minutes on 2 CPU cores.
+CPU latency, and a row with the exits at 0.8 of the budget), and writes the figures (with the
+exits: where each class leaves, the easiest and hardest images, and the channels each class
+computed up to its exits): a few minutes on 2 CPU cores.
 
   lcsurgery demo
   lcsurgery demo --data ../shared/data/cifar10-jpg.tar.gz --checkpoint ../shared/models/cifar10-resnet20.th
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for path in make_figures(seq, None, args.test_subset, out / "figures", out):
         print(f"  {path}")
     exits.figure(exit_run, out, out / "figures" / "exits_sweep.png")
-    print(f"  {exit_run / 'exits_by_class.png'}\n  {exit_run / 'exits_extremes.png'}")
+    for name in ("exits_by_class.png", "exits_extremes.png", "exits_channels.png"):
+        print(f"  {exit_run / name}")
     print(f"\ntables: {out / 'results.md'}, {seq / 'compare.md'}, {exit_run / 'sweep.md'}")
     return 0

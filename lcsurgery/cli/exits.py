@@ -14,7 +14,8 @@ Examples:
 ``train`` ends with a sweep of the budget knob (sweep.md, sweep.png, metrics.json); ``evaluate``
 sets the policy for one budget on the run's held-out training images and runs the test set
 through the early-exit engine, each image leaving at its exit (evaluate.json; exits_by_class.png:
-where each class leaves; exits_extremes.png: the easiest and the hardest images).
+where each class leaves; exits_extremes.png: the easiest and the hardest images; on a gated
+network exits_channels.png: per class, the channels its images computed up to their exits).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import torch
 from lcsurgery.bench.exit_latency import time_exits
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import exit_points
-from lcsurgery.exits.policy import MIN_SHARE, RULES
+from lcsurgery.exits.policy import MIN_SHARE, RULES, score
+from lcsurgery.exits.usage import computed, usage
+from lcsurgery.macs.report import dynamics
 from lcsurgery.models.factory import SPEC_HELP, create_model
+from lcsurgery.surgery.model import LCModel
 from lcsurgery.train.exits import ExitsConfig, exit_loaders, exit_run_at_budget, exit_run_folder, exit_summary, format_shares, run_exits, sweep_run, train_exits
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitsConfig) if f.default is not dataclasses.MISSING}
@@ -151,7 +155,7 @@ def evaluate(
     model, cfg, policy, test_loader = exit_run_at_budget(run, budget, test_subset, max_macs, rule, min_share=min_share)
     test = test_loader.data
     r = run_exits(model, test_loader)
-    from lcsurgery.viz.figures import exits_by_class, extreme_images
+    from lcsurgery.viz.figures import channel_heatmap, exits_by_class, extreme_images
 
     names = [*(p.name for p in model.points), "own head"]
     what = " and ".join(x for x in (f"budget {budget}" if budget else "", f"at most {max_macs:,} MACs" if max_macs else "") if x)
@@ -161,6 +165,11 @@ def evaluate(
         test.images, r["macs"], r["label"], r["prediction"], test.classes, run / "exits_extremes.png", dense=dense, confidence=r["confidence"],
         title=f"easiest and hardest test images, {what}: leaving first (most confident first) and last (least confident first)",
     )  # fmt: skip
+    ran = None
+    if isinstance(model.backbone, LCModel):  # what each image's gates computed up to its exit
+        decisions = computed(score(model, test_loader).gates, model.block_segments(), r["exit"])
+        ran = dynamics(r["macs"], model.dense_macs(), usage(decisions, r["exit"]))
+        heatmap = channel_heatmap(decisions.channel, r["label"], test.classes, run / "exits_channels.png", title=f"channels computed per class (gates up to each image's exit), {what}")
     result = {
         "budget": budget, "max_macs": max_macs, "policy": rule, "threshold": policy.thresholds[0] if policy else None,
         "heads_off": [model.points[i].name for i in policy.off] if policy else [], "dense_macs": dense,
@@ -169,6 +178,10 @@ def evaluate(
     shares = format_shares(result["exit_shares"], policy.off if policy else (), "%")
     print(f"{run}: top-1 {100 * result['accuracy']:.2f}% at {result['mac_fraction']:.3f} of the dense MACs on {result['test_images']} test images; "
           f"per-image MACs p90/p10 {result['p90_over_p10']:.2f}, most MACs of one image {result['max_macs_seen']:,}; leaving at each exit: {shares}")  # fmt: skip
+    if ran is not None:
+        result.update(distinct_patterns=ran["distinct_patterns"], conditional_gates=ran["conditional_gates"], conditional_by_block=ran["conditional_by_block"])
+        print(f"what ran: {ran['distinct_patterns']} distinct computations (gates up to the exit, and the exit) over {ran['images']} images; "
+              f"conditional gates (run and on for 5-95% of the images) {100 * ran['conditional_gates']:.1f}%; per class: {heatmap}")  # fmt: skip
     if latency:
         images = torch.cat([x for x, _ in exit_loaders(cfg, model.backbone, latency)[2]])
         result["latency"] = t = time_exits(model, images)

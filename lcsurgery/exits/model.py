@@ -131,6 +131,14 @@ class ExitModel(nn.Module):
     def num_exits(self) -> int:
         return len(self.heads)
 
+    def block_segments(self) -> dict[str, int]:
+        """Each gated block's name and the segment it runs in: an image that leaves at exit i
+        computes the blocks of segments 0 to i (empty for a network without gates)."""
+        if not self._gated:
+            return {}
+        names = [b.name for b in self.backbone.lc_blocks()]
+        return {names[j]: i for i, blocks in enumerate(self._blocks) for j in blocks}
+
     def segment(self, i: int, x: Tensor) -> Tensor:
         """Run segment ``i``: the input to exit 0's map for i = 0, ..., the last exit's map to the output."""
         return self._segments[i](self.backbone, x)

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitModel, ExitPolicy, check_cap, exit_features
+from lcsurgery.exits.usage import GateDecisions
 from lcsurgery.fx.tracer import training_mode
 from lcsurgery.macs.dynamic import image_batches
+from lcsurgery.surgery.model import LCModel
 
 
 @dataclasses.dataclass
@@ -37,6 +39,7 @@ class ExitScores:
     costs: Tensor | None = None  # int64 [N, exits + 1]: each image's MACs leaving at each exit (None: ``exit_costs`` for all)
     features: Tensor | None = None  # [N, exits + 1, 3]: ``exit_features`` of every head (None: the confidence alone)
     heads: list[int] | None = None  # MACs of each exit head, to charge only the heads a policy runs (None: every head runs)
+    gates: GateDecisions | None = None  # a gated network's decisions per image with every block run (None: no gates)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -45,20 +48,23 @@ class ExitScores:
 def score(model: ExitModel, images: Tensor | Iterable, batch_size: int = 256, progress: bool = True) -> ExitScores:
     """Run every exit on ``images`` (a tensor, or a loader of ``(x, y)`` batches) in eval mode."""
     batches, n = image_batches(images, batch_size, caller="score")
-    feats, pred, labels, costs = [], [], [], []
+    feats, pred, labels, costs, gates = [], [], [], [], []
     device = next(model.parameters()).device
+    gated = isinstance(model.backbone, LCModel)
     with training_mode(model, False), torch.no_grad():
         for x, y in tqdm(batches, total=n, desc="scoring exits", disable=not progress, leave=False):
             outs = model.forward_exits(x.to(device))
             feats.append(torch.stack([exit_features(o) for o in outs], 1).cpu())
             pred.append(torch.stack([o.argmax(1) for o in outs], 1).cpu())
             costs.append(model.last_exit_costs)
+            if gated:
+                gates.append(GateDecisions.read(model.backbone))
             if y is not None:
                 labels.append(y.cpu())
     if not feats:
         raise LCSurgeryError("no images to score the exits on")
     features = torch.cat(feats)
-    return ExitScores(features[:, :, 0], torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs), features, model.head_macs())
+    return ExitScores(features[:, :, 0], torch.cat(pred), torch.cat(labels) if labels else None, torch.cat(costs), features, model.head_macs(), GateDecisions.cat(gates) if gates else None)
 
 
 def simulate(scores: ExitScores, costs: list[int], policy: ExitPolicy) -> tuple[Tensor, Tensor]:

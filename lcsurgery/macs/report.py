@@ -41,8 +41,9 @@ class GateUsage:
     """How the gates decided over the counted images: how often each gate was on, and each image's pattern.
 
     A layer gate is on where its block runs; a channel gate where its block runs and the channel
-    is active. ``patterns`` is a 64-bit fingerprint of each image's whole on/off vector, so two
-    images share a fingerprint exactly when they take the same gates (collisions aside, one in 2^64).
+    is active. ``patterns`` identifies each image's whole on/off vector, so two images share a value
+    exactly when they take the same gates (``count_macs`` keeps a 64-bit fingerprint, so no per-image
+    mask is kept: collisions aside, one in 2^64).
     """
 
     images: int
@@ -65,6 +66,29 @@ class GateUsage:
     def conditional_share(self, rates: Tensor) -> float:
         lo, hi = CONDITIONAL
         return float(((rates > lo) & (rates < hi)).double().mean()) if rates.numel() else 0.0
+
+
+def dynamics(per_sample: Tensor, dense: int, usage: GateUsage | None = None) -> dict:
+    """How much the computation depends on the image: per-image MAC statistics (as fractions of
+    ``dense``) and, given the gates' ``usage``, distinct gate patterns and the share of conditional
+    gates, overall and per block."""
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    frac = per_sample.double() / dense
+    p10, p50, p90 = torch.quantile(frac, q).tolist()
+    out = {
+        "images": len(frac),
+        "mac_fraction": {
+            "mean": float(frac.mean()), "std": float(frac.std(unbiased=False)), "p10": p10, "p50": p50, "p90": p90,
+            "min": float(frac.min()), "max": float(frac.max()), "p90_over_p10": p90 / p10 if p10 > 0 else None,
+        },
+    }  # fmt: skip
+    if usage is not None:
+        rates = usage.rates()
+        every = torch.cat(list(rates.values())) if rates else torch.zeros(0)
+        out["distinct_patterns"] = int(torch.unique(usage.patterns).numel())
+        out["conditional_gates"] = usage.conditional_share(every)
+        out["conditional_by_block"] = {n: usage.conditional_share(r) for n, r in rates.items()}
+    return out
 
 
 @dataclass
@@ -91,25 +115,8 @@ class MacReport:
     usage: GateUsage | None = field(default=None, repr=False)  # how often each gate was on, each image's pattern
 
     def dynamics(self) -> dict:
-        """How much the computation depends on the image: per-image MAC statistics (as fractions of
-        dense), distinct gate patterns, and the share of conditional gates, overall and per block."""
-        q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-        frac = self.per_sample.double() / self.dense
-        p10, p50, p90 = torch.quantile(frac, q).tolist()
-        out = {
-            "images": len(frac),
-            "mac_fraction": {
-                "mean": float(frac.mean()), "std": float(frac.std(unbiased=False)), "p10": p10, "p50": p50, "p90": p90,
-                "min": float(frac.min()), "max": float(frac.max()), "p90_over_p10": p90 / p10 if p10 > 0 else None,
-            },
-        }  # fmt: skip
-        if self.usage is not None:
-            rates = self.usage.rates()
-            every = torch.cat(list(rates.values())) if rates else torch.zeros(0)
-            out["distinct_patterns"] = int(torch.unique(self.usage.patterns).numel())
-            out["conditional_gates"] = self.usage.conditional_share(every)
-            out["conditional_by_block"] = {n: self.usage.conditional_share(r) for n, r in rates.items()}
-        return out
+        """How much the computation depends on the image (``dynamics``)."""
+        return dynamics(self.per_sample, self.dense, self.usage)
 
     @property
     def accuracy(self) -> float | None:

@@ -28,6 +28,8 @@ from lcsurgery.data.sources import load_arrays
 from lcsurgery.errors import LCSurgeryError
 from lcsurgery.exits.model import ExitModel, ExitPolicy, add_exits
 from lcsurgery.exits.policy import MIN_SHARE, ExitScores, fit_policy, fit_scorer, score, set_budget, simulate
+from lcsurgery.exits.usage import computed, usage
+from lcsurgery.macs.report import dynamics
 from lcsurgery.models.factory import create_model
 from lcsurgery.surgery.checkpoint import load_weights
 from lcsurgery.surgery.model import LCModel
@@ -252,10 +254,17 @@ def exit_accuracies(scores: ExitScores) -> list[float]:
 
 
 def policy_row(model: ExitModel, test: ExitScores, policy: ExitPolicy) -> dict:
-    """Accuracy and cost on the test scores under ``policy``."""
+    """Accuracy and cost on the test scores under ``policy``; on a gated network also how many
+    distinct computations the images take and the share of conditional gates, counted over what
+    each image ran up to its exit (``lcsurgery.exits.usage``)."""
     exit_of, macs = simulate(test, model.exit_costs(), policy)
     correct = test.prediction.gather(1, exit_of[:, None]).squeeze(1) == test.labels
-    return {"threshold": policy.thresholds[0], "off": list(policy.off), **exit_summary(correct, exit_of, macs, model.dense_macs(), model.num_exits)}
+    row = {"threshold": policy.thresholds[0], "off": list(policy.off), **exit_summary(correct, exit_of, macs, model.dense_macs(), model.num_exits)}
+    if test.gates is not None:
+        ran = usage(computed(test.gates, model.block_segments(), exit_of), exit_of)
+        dyn = dynamics(macs, model.dense_macs(), ran)
+        row.update(distinct_patterns=dyn["distinct_patterns"], conditional_gates=dyn["conditional_gates"])
+    return row
 
 
 def exit_run_at_budget(
@@ -373,14 +382,19 @@ def format_shares(shares: list[float], off: Sequence[int] = (), unit: str = "") 
 
 
 def _sweep_table(m: dict) -> list[str]:
+    gated = any("distinct_patterns" in r for r in m["sweep"])  # a gated network: what each image ran, up to its exit
+    extra = " distinct computations (gates up to the exit, and the exit) | conditional gates |" if gated else ""
     lines = [
-        "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit (off: head not run) |",
-        "|---|---|---|---|---|---|---|",
+        "| MAC budget | threshold | top-1 | vs no exit (points) | fraction of dense MACs (test) | p90/p10 | share leaving at each exit (off: head not run) |" + extra,
+        "|---|---|---|---|---|---|---|" + "---|---|" * gated,
     ]
     for r in m["sweep"]:
         shares = format_shares(r["exit_shares"], r.get("off", ()))
         budget = f"{r['budget']:.2f}" if abs(r["budget"] - round(r["budget"], 2)) < 1e-9 else f"{r['budget']:.3f} (no early exit)"  # the sweep's top: what the network costs run to the end
-        lines.append(f"| {budget} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |")
+        row = f"| {budget} | {r['threshold']:.3f} | {100 * r['accuracy']:.2f}% | {-r['drop_points']:+.2f} | {r['mac_fraction']:.3f} | {r['p90_over_p10']:.2f} | {shares} |"
+        if gated:
+            row += f" {r['distinct_patterns']} | {100 * r['conditional_gates']:.1f}% |" if "distinct_patterns" in r else " - | - |"
+        lines.append(row)
     for key, pts in (("best_within_1_point", 1), ("best_within_3_points", 3)):
         best = m.get(key)
         if best:

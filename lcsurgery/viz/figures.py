@@ -124,7 +124,7 @@ def extreme_images(
     return _save(fig, path)
 
 
-def channel_heatmap(masks: dict[str, Tensor], labels: Tensor, classes: list[str], path: Path, blocks: int = 2) -> Path:
+def channel_heatmap(masks: dict[str, Tensor], labels: Tensor, classes: list[str], path: Path, blocks: int = 2, title: str = "channel activation per class") -> Path:
     """Per class, the fraction of images that activate each gated channel, for the ``blocks`` blocks
     whose channel use differs most between classes (the last blocks when no block differs)."""
 
@@ -143,7 +143,7 @@ def channel_heatmap(masks: dict[str, Tensor], labels: Tensor, classes: list[str]
         ax.set_xlabel("gated channel (sorted by overall activation)", fontsize=8)
         ax.set_title(f"{name}: {m.shape[1]} channels (between-class spread {spread[name]:.3f})", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03, pad=0.02, label="fraction of the class's images with the channel active")
-    fig.suptitle("channel activation per class", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
