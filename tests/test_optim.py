@@ -14,7 +14,7 @@ import lcsurgery
 from lcsurgery.train import loop, run_folder
 from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.loop import finetune
-from lcsurgery.train.optim import make_optimizer, make_scheduler, param_groups
+from lcsurgery.train.optim import make_optimizer, make_scheduler, param_groups, static_paces
 from lcsurgery.train.regularize import macs_penalty
 from lcsurgery.train.schedule import noise_factor
 
@@ -49,6 +49,41 @@ def test_wide_gates_move_at_a_narrow_gates_pace():
         z = b.gate_logits(pooled[b.name])[0].detach()
         moves[b.name] = float((before[b.name] - z).abs().mean()) / (0.01 * (1 + 64 * float(pooled[b.name].abs().mean())))
     assert max(moves.values()) < 1.5  # unscaled, the 2048-wide gates would move ~32x further
+
+
+def _logit_moves(lc, opt, x) -> dict[str, float]:
+    """Mean change of each block's gate logits in one Adam step on the MAC penalty."""
+    lc(x)
+    pooled = {b.name: b.last.pooled.clone() for b in lcsurgery.gated_blocks(lc)}
+    before = {b.name: torch.cat([z.reshape(len(x), -1) for z in b.gate_logits(pooled[b.name]) if z is not None], 1).detach().clone() for b in lcsurgery.gated_blocks(lc)}
+    opt.zero_grad()
+    macs_penalty(lc).backward()
+    opt.step()
+    after = {b.name: torch.cat([z.reshape(len(x), -1) for z in b.gate_logits(pooled[b.name]) if z is not None], 1).detach() for b in lcsurgery.gated_blocks(lc)}
+    return {n: float((before[n] - after[n]).abs().mean()) for n in before}
+
+
+@pytest.mark.parametrize("name", ["cifar.resnet20", "tv.resnet18"])
+def test_static_gates_move_at_an_image_reading_gates_pace(name):
+    """A bias-only gate's logit moves by lr x its pace, 1 + the width-scaled L1 norm of its mean pooled
+    input: as far as a gate reading the image moves (one rate alone would move it that many times less)."""
+    x = example(name)
+    dynamic = lcsurgery.convert(original(name), "sequential").train()
+    static = lcsurgery.convert(original(name), "sequential", static=True).train()
+    paces = static_paces(static, x)
+    assert len(paces) == sum(len(b.static_nets()) for b in lcsurgery.gated_blocks(static)) > 0 and min(paces.values()) > 2
+    before = copy.deepcopy(static.state_dict())
+    static.eval()
+    assert static_paces(static, x) == pytest.approx(paces)  # measured on training-mode features whatever the mode
+    assert not static.training and all(torch.equal(v, before[k]) for k, v in static.state_dict().items())  # mode and BatchNorm statistics left as they were
+    static.train()
+    cfg = FinetuneConfig(model="tv", gate_lr=0.01)
+    reading = _logit_moves(dynamic, make_optimizer(dynamic, cfg, steps=100), x)
+    paced = _logit_moves(static, make_optimizer(static, cfg, steps=100, paces=paces), x)
+    for b in lcsurgery.gated_blocks(static):
+        pace = paces[id(b.static_nets()[0].bias)]
+        assert paced[b.name] == pytest.approx(0.01 * pace, rel=0.05), b.name
+        assert 0.5 < paced[b.name] / reading[b.name] < 2.0, b.name
 
 
 @pytest.mark.parametrize("freeze", [None, 0.8])

@@ -41,7 +41,7 @@ from lcsurgery.train.config import FinetuneConfig
 from lcsurgery.train.distill import build_teacher, distill_loss
 from lcsurgery.train.evaluate import cost_gap, evaluate, first_images
 from lcsurgery.train.exits import ExitsConfig, exit_accuracies, exit_loaders, exit_places, heads_loss, write_sweep
-from lcsurgery.train.optim import make_optimizer, make_scheduler
+from lcsurgery.train.optim import make_optimizer, make_scheduler, static_paces
 from lcsurgery.train.regularize import gate_l1, macs_penalty
 from lcsurgery.train.run_folder import EXITS_FOLDER, STRUCTURE_FILE, prepare_out, save
 from lcsurgery.train.schedule import gates_frozen, noise_factor, set_gate_training
@@ -102,7 +102,10 @@ class _Run:
         ddp = d.world > 1
         self.train_model = DistributedDataParallel(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if ddp else self.model
         self.steps = cfg.epochs * len(self.loaders.train)
-        self.opt = make_optimizer(self.model, cfg, self.steps)
+        paces = {}
+        if cfg.gated and any(b.static_nets() for b in self.model.lc_blocks()):  # bias-only gates learn at an image-reading gate's pace
+            paces = {k: d.broadcast(v) for k, v in static_paces(self.model, next(iter(self.loaders.train))[0]).items()}
+        self.opt = make_optimizer(self.model, cfg, self.steps, paces)
         self.sched = make_scheduler(self.opt, self.steps, cfg.freeze_gates)
         if self.exits is not None:
             self.head_opt = torch.optim.Adam(self.exits.heads.parameters(), lr=cfg.exit_lr)
