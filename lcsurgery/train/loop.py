@@ -102,9 +102,8 @@ class _Run:
         ddp = d.world > 1
         self.train_model = DistributedDataParallel(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if ddp else self.model
         self.steps = cfg.epochs * len(self.loaders.train)
-        paces = {}
-        if cfg.gated and any(b.static_nets() for b in self.model.lc_blocks()):  # bias-only gates learn at an image-reading gate's pace
-            paces = {k: d.broadcast(v) for k, v in static_paces(self.model, next(iter(self.loaders.train))[0]).items()}
+        # bias-only gates learn at an image-reading gate's pace (rank 0's, so every rank steps alike)
+        paces = {k: d.broadcast(v) for k, v in static_paces(self.model, self.loaders.train).items()} if cfg.gated else {}
         self.opt = make_optimizer(self.model, cfg, self.steps, paces)
         self.sched = make_scheduler(self.opt, self.steps, cfg.freeze_gates)
         if self.exits is not None:

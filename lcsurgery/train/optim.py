@@ -7,10 +7,12 @@ until they freeze, each gate tensor in its own group scaled by its input width.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from lcsurgery.macs.dynamic import image_batches
 from lcsurgery.surgery.model import GATE_PREFIX, unwrap
 from lcsurgery.train.config import FinetuneConfig
 
@@ -66,10 +68,11 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig, steps: int, paces: dic
 
 
 @torch.no_grad()
-def static_paces(model: nn.Module, images: torch.Tensor) -> dict[int, float]:
+def static_paces(model: nn.Module, images: torch.Tensor | Iterable) -> dict[int, float]:
     """Per bias of a bias-only (static) gate, by ``id``: how many times further a gate that reads
     the image moves its logit in one Adam step, 1 + the width-scaled L1 norm of the block's mean
-    pooled input on ``images`` in training mode (``_width_scaled``; the model is left as it was).
+    pooled input on the first batch of ``images`` (a tensor or a loader; drawn only where a block
+    has static gates) in training mode (``_width_scaled``; the model is left as it was).
 
     Adam moves each weight by about one rate per step, so a gate reading the image moves its logit
     by the rate times its input's L1 norm (7 to 27 on the pretrained CIFAR ResNet-20), and a bias
@@ -89,12 +92,13 @@ def static_paces(model: nn.Module, images: torch.Tensor) -> dict[int, float]:
         pooled = x.float().mean(dims).mean(0)
         norms[block.name] = float(pooled.abs().sum()) * min(1.0, REFERENCE_WIDTH / pooled.numel())
 
+    x, _ = next(image_batches(images, 256, caller="static_paces")[0])
     hooks = [b.register_forward_pre_hook(pool) for b in blocks]
     buffers = {k: v.clone() for k, v in lc.named_buffers()}  # what training mode would update (BatchNorm statistics)
     was_training = lc.training
     try:
         lc.train()  # the features the gates see in training
-        lc(images.to(next(lc.parameters()).device))
+        lc(x.to(next(lc.parameters()).device))
     finally:
         lc.train(was_training)
         for k, v in lc.named_buffers():
