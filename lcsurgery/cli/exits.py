@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--device", help="where to train: cpu, cuda or cuda:N (default: the GPU when one is visible)")
     ev = sub.add_parser("evaluate", help="set a MAC budget (or a per-image cap) and run the test set through the exits")
     ev.add_argument("run", help="an exits run folder (or a finetune --exits run: the exits in it)")
-    ev.add_argument("--budget", type=float, help="mean MACs per image as a fraction of the network without exits")
+    ev.add_argument("--budget", type=float, help="mean MACs per image as a fraction of the original network's (no gates, no exits; a pruned run: before pruning)")
     ev.add_argument("--max-macs", type=int, help="no image may cost more MACs than this")
     ev.add_argument("--test-subset", type=int, help="test images to run (class-balanced; default all)")
     ev.add_argument("--latency", type=int, metavar="N", help="also time N test images at batch 1 on the CPU, with and without exits (one thread)")
